@@ -1,0 +1,238 @@
+"""
+The LLaMA-style decoder every method trains, the size table, and memory accounting.
+
+Everything here must be identical across methods for the comparison to be fair, so it is shared;
+nothing here knows about any method. A method finds the matrices it may compress through
+`compressible_matrices(model)`.
+
+    python model.py                 # parameter counts of every size
+    python model.py --memory        # bf16 bytes of weights + optimizer states per size and method
+"""
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    n_embd: int          # d_model
+    n_ff: int            # SwiGLU hidden width
+    n_head: int
+    n_layer: int
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 (faster matmuls)
+    norm_eps: float = 1e-6
+    init_std: float = 0.02   # as the GaLore/Fira LLaMA configs
+
+
+# The benchmark sizes are the GaLore/Fira/Glentis et al. LLaMA configs (configs/llama_*.json);
+# `nano` and `tiny` are ours, for tests and CPU runs. Counts below use our 50304-token vocabulary
+# (the papers use T5's 32000, so their embedding share is smaller).
+SIZES = {
+    "nano": LlamaConfig(n_embd=32, n_ff=88, n_head=2, n_layer=2),
+    "tiny": LlamaConfig(n_embd=256, n_ff=688, n_head=4, n_layer=4),
+    "60m": LlamaConfig(n_embd=512, n_ff=1376, n_head=8, n_layer=8),
+    "130m": LlamaConfig(n_embd=768, n_ff=2048, n_head=12, n_layer=12),
+    "350m": LlamaConfig(n_embd=1024, n_ff=2736, n_head=16, n_layer=24),
+    "1b": LlamaConfig(n_embd=2048, n_ff=5461, n_head=32, n_layer=24),
+    "7b": LlamaConfig(n_embd=4096, n_ff=11008, n_head=32, n_layer=32),
+}
+
+# Rank r of the low-rank methods per size: GaLore's Table 2 (r / d_model = 128/512, 256/768, 256/1024,
+# 512/2048), reused by Fira and by Glentis et al.; 7b as GaLore's 7B run; nano and tiny keep r = d/4.
+RANKS = {"nano": 8, "tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+
+# Linear layers a method may compress: attention q,k,v,o and MLP gate,up,down (as the official
+# GaLore/Fira code, which takes every nn.Linear under "attn" or "mlp"). Embedding, head and norms never.
+COMPRESSIBLE = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def get_config(size):
+    """The config of a named size, or a one-line exit listing the valid ones."""
+    if size not in SIZES:
+        sys.exit(f"error: unknown --size {size!r}; valid sizes: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32: under bf16 autocast the mean of squares loses precision otherwise
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rotary_cos_sin(seq_len, head_dim, device, base=10000.0):
+    """cos and sin of the rotary angles, (T, head_dim/2) each (RoFormer, as LLaMA)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, H, T, hd); rotate the two halves of each head as a complex pair (HF LLaMA's layout)
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        # (B, T, C) -> (B, H, T, hd)
+        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.n_ff, bias=False)
+        self.up = nn.Linear(cfg.n_embd, cfg.n_ff, bias=False)
+        self.down = nn.Linear(cfg.n_ff, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in the benchmarks
+        for module in self.modules():  # HF LLaMA init: N(0, 0.02) for every linear and embedding
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        cos, sin = rotary_cos_sin(T, self.cfg.n_embd // self.cfg.n_head, idx.device)
+        x = self.embed(idx)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x)).float()
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))
+
+
+def compressible_matrices(model):
+    """(name, nn.Linear) of the attention and MLP matrices, in model order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.endswith(COMPRESSIBLE)]
+
+
+def param_counts(model):
+    """Parameter counts split as papers quote them: embedding + head vs the rest."""
+    emb = model.embed.weight.numel() + model.head.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return {"embedding": emb, "non_embedding": total - emb, "total": total}
+
+
+# -----------------------------------------------------------------------------
+# memory accounting: counted from the live tensors, so it is exact on any device
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def memory_report(model, optimizer):
+    """Bytes of weights, of gradients alive now, and of every tensor in the optimizer's state."""
+    params = list(model.parameters())
+    states = [t for s in optimizer.state.values() for t in s.values()]
+    return {"weights_bytes": tensor_bytes(params),
+            "grads_bytes": tensor_bytes(p.grad for p in params),
+            "optimizer_state_bytes": tensor_bytes(states)}
+
+
+def estimate_bf16_bytes(size, method, rank=None):
+    """Weights + optimizer states in bf16 (2 bytes each), counted as the benchmark papers count them.
+
+    full: weights N, AdamW moments 2N.  galore/fira: the compressible m x n matrices keep full weights
+    but their moments live in the projected space (2 max(m,n) r) plus the projector (min(m,n) r);
+    Fira adds one norm scalar per matrix.  lowrank: each matrix becomes B (m x r) A (r x n): weights and
+    each moment r(m+n).  Everything else (embedding, head, norms) has full AdamW in every method.
+    """
+    r = rank or RANKS[size]
+    with torch.device("meta"):
+        model = Llama(get_config(size))
+    shapes = [tuple(m.weight.shape) for _, m in compressible_matrices(model)]
+    n_total = sum(p.numel() for p in model.parameters())
+    n_other = n_total - sum(m * n for m, n in shapes)
+    if method == "full":
+        weights, states = n_total, 2 * n_total
+    elif method in ("galore", "fira"):
+        weights = n_total
+        states = 2 * n_other + sum(2 * max(m, n) * min(r, m, n) + min(m, n) * min(r, m, n) for m, n in shapes)
+        states += len(shapes) if method == "fira" else 0
+    elif method == "lowrank":
+        weights = n_other + sum(r * (m + n) for m, n in shapes)
+        states = 2 * weights
+    else:
+        raise ValueError(method)
+    return {"weights_bytes": 2 * weights, "optimizer_state_bytes": 2 * states}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Sizes of the LLaMA models and the memory they need.")
+    parser.add_argument("--size", default=None, help="one size only (default: all)")
+    parser.add_argument("--memory", action="store_true",
+                        help="print bf16 bytes of weights + optimizer states for every method")
+    args = parser.parse_args()
+    sizes = [args.size] if args.size else list(SIZES)
+    for size in sizes:
+        get_config(size)
+    if args.memory:
+        methods = ("full", "galore", "fira", "lowrank")
+        print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m + ' (GB)':>14}" for m in methods))
+        for size in sizes:
+            gb = [sum(estimate_bf16_bytes(size, m).values()) / 1e9 for m in methods]
+            print(f"{size:>5} {RANKS[size]:>5} " + " ".join(f"{g:>14.3f}" for g in gb))
+        print("weights + optimizer states in bf16, as GaLore Table 2 counts them (no gradients or activations)")
+        return
+    print(f"{'size':>5} {'d':>5} {'ff':>6} {'heads':>5} {'layers':>6} {'embedding':>12} {'non-embedding':>14} {'total':>14}")
+    for size in sizes:
+        cfg = SIZES[size]
+        with torch.device("meta"):
+            c = param_counts(Llama(cfg))
+        print(f"{size:>5} {cfg.n_embd:>5} {cfg.n_ff:>6} {cfg.n_head:>5} {cfg.n_layer:>6} "
+              f"{c['embedding']:>12,} {c['non_embedding']:>14,} {c['total']:>14,}")
+
+
+if __name__ == "__main__":
+    main()

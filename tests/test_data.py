@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+import data
+from model import SIZES, Llama
+
+
+def test_tokenizer_is_gpt2():
+    enc = data.get_tokenizer()
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+    # ids of GPT-2's BPE, as tiktoken.get_encoding("gpt2") gives them
+    assert enc.encode("Hello world!") == [15496, 995, 0]
+    assert enc.encode("To be, or not to be: that is the question.") == [
+        2514, 307, 11, 393, 407, 284, 307, 25, 326, 318, 262, 1808, 13]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    text = "  Leading spaces, numbers 12345 and ünïcödé 👋\n\nnew paragraph"
+    assert enc.decode(enc.encode(text)) == text
+
+
+def test_write_tokens_round_trip(tmp_path):
+    enc = data.get_tokenizer()
+    docs = ["First document.", "Second one, a little longer.", "Third"]
+    path = tmp_path / "x.bin"
+    n = data.write_tokens(iter(docs), str(path), enc)
+    ids = np.fromfile(path, dtype=np.uint16)
+    assert len(ids) == n
+    assert enc.decode(ids.tolist()) == "<|endoftext|>".join(docs) + "<|endoftext|>"
+    assert data.write_tokens(iter(docs), str(path), enc, max_tokens=5) == 5
+
+
+def test_prepare_text_folder(tmp_path, monkeypatch):
+    data.get_tokenizer()  # cached before the data dir moves
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"{i}.txt").write_text(f"document number {i} " * 50)
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    data.prepare(f"text:{corpus}")
+    tokens = data.load_tokens(f"text:{corpus}")
+    total = len(tokens["train"]) + len(tokens["val"])
+    assert len(tokens["train"]) == int(0.9 * total)
+    enc = data.get_tokenizer()
+    assert enc.decode(tokens["val"][-3:].tolist()).endswith("4 <|endoftext|>")
+
+
+def test_prepare_hub_dataset_with_a_local_stand_in(tmp_path, monkeypatch):
+    data.get_tokenizer()
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    streams = {"train": [f"train doc {i}." for i in range(100)], "validation": ["val doc one.", "val doc two."]}
+    monkeypatch.setattr(data, "hub_docs", lambda name, split: iter(streams[split]))
+    data.prepare("c4", max_tokens=40, val_tokens=1000)
+    tokens = data.load_tokens("c4")
+    enc = data.get_tokenizer()
+    assert len(tokens["train"]) == 40
+    assert enc.decode(tokens["train"][:5].tolist()) == "train doc 0.<|endoftext|>"
+    assert enc.decode(tokens["val"].tolist()) == "val doc one.<|endoftext|>val doc two.<|endoftext|>"
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        data.load_tokens("c4")
+    assert str(e.value) == "error: dataset 'c4' is not prepared; run: python data.py c4"
+
+
+def test_shakespeare_corpus(shakespeare):
+    # 42 works, 1,565,959 GPT-2 tokens plus one <|endoftext|> after each, split 90/10
+    assert len(shakespeare["train"]) + len(shakespeare["val"]) == 1_565_959 + 42
+    assert len(shakespeare["val"]) == 156_601
+
+
+def test_get_batch_targets_are_shifted_and_seeded(shakespeare):
+    x, y = data.get_batch(shakespeare["train"], 4, 32, seed=7)
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    x2, _ = data.get_batch(shakespeare["train"], 4, 32, seed=7)
+    x3, _ = data.get_batch(shakespeare["train"], 4, 32, seed=8)
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+
+
+def test_validation_set_is_fixed_and_contiguous(shakespeare):
+    x, y = data.val_windows(shakespeare["val"], 64, 1000)
+    assert x.shape == (15, 64)  # 1000 tokens -> 15 whole windows of 64 targets
+    flat = torch.from_numpy(np.asarray(shakespeare["val"][:15 * 64 + 1]).astype(np.int64))
+    assert torch.equal(x.flatten(), flat[:-1]) and torch.equal(y.flatten(), flat[1:])
+
+
+def test_evaluate_is_the_token_mean_over_the_whole_set(shakespeare):
+    torch.manual_seed(0)
+    m = Llama(SIZES["nano"])
+    x, y = data.val_windows(shakespeare["val"], 32, 7 * 32)
+    # reference: one forward over all 7 windows, summed token losses / token count
+    logits, _ = m(x)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+    for B in (2, 3, 7):  # uneven last batches must not change the mean
+        loss, ppl = data.evaluate(m, (x, y), B, "cpu", torch.autocast("cpu", enabled=False))
+        assert loss == pytest.approx(ref.item(), rel=1e-6)
+        assert ppl == pytest.approx(np.exp(ref.item()), rel=1e-6)
