@@ -225,7 +225,8 @@ def main():
             print(f"{size:>5} {RANKS[size]:>5} " + " ".join(f"{g:>14.3f}" for g in gb))
         print("weights + optimizer states in bf16, as GaLore Table 2 counts them (no gradients or activations)")
         return
-    print(f"{'size':>5} {'d':>5} {'ff':>6} {'heads':>5} {'layers':>6} {'embedding':>12} {'non-embedding':>14} {'total':>14}")
+    print(f"{'size':>5} {'d':>5} {'ff':>6} {'heads':>5} {'layers':>6} "
+          f"{'embedding':>12} {'non-embedding':>14} {'total':>14}")
     for size in sizes:
         cfg = SIZES[size]
         with torch.device("meta"):

@@ -68,7 +68,8 @@ parser.add_argument("--update-proj-gap", type=int, default=200, help="T: recompu
 parser.add_argument("--scale", type=float, default=None,
                     help="alpha: scale of the projected-back update (default: 0.25, and 0.0625 from 1b up)")
 parser.add_argument("--paper-residual", action="store_true",
-                    help="Fira's Alg. 1: S = phi (G - R Q), alpha on both terms (official: alpha N Q + phi (G - alpha R Q))")
+                    help="Fira's Alg. 1: S = phi (G - R Q), alpha on both terms "
+                         "(official: alpha N Q + phi (G - alpha R Q))")
 # --- METHOD: end ---
 args = parser.parse_args()
 

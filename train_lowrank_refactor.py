@@ -1,0 +1,299 @@
+"""
+Low-rank factorized training with weight refactorization and momentum reset.
+
+    python train_lowrank_refactor.py --size tiny               # CPU: refactor + reset every 200 steps
+    python train_lowrank_refactor.py --size tiny --refactor-every 0 --momentum-reset-every 0   # plain low-rank
+    python train_lowrank_refactor.py --size 1b --dataset c4    # one GPU
+    torchrun --nproc_per_node=4 train_lowrank_refactor.py --size 350m --dataset c4
+
+The method (Glentis et al. 2025, "Scalable Parameter and Memory Efficient Pretraining for LLM: Recent
+Algorithmic Advances and Benchmarking"): every attention/MLP matrix W (m x n) is the product B A,
+B (m x r), A (r x n), trained from scratch with AdamW; the full W never exists. Every K steps:
+    B = Qb Rb,  A^T = Qa Ra                       thin QRs, (m x r)(r x r) and (n x r)(r x r)
+    Rb Ra^T = U S V^T                             SVD of an r x r matrix
+    B <- Qb U S^1/2,  A <- S^1/2 V^T Qa^T          weight refactorization: same B A, balanced factors
+    M_B, V_B, M_A, V_A <- 0                        momentum reset: the old moments live in the old coordinates
+Weights r(m+n) instead of mn per matrix, and so are the gradients and each Adam moment.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import evaluate, get_batch, load_tokens, val_windows
+from model import RANKS, Llama, compressible_matrices, get_config, memory_report, param_counts, tensor_bytes
+
+# -----------------------------------------------------------------------------
+# config
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# data
+parser.add_argument("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
+parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+parser.add_argument("--val-tokens", type=int, default=32768, help="size of the fixed validation set")
+# model
+parser.add_argument("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
+# optimization
+parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--max-steps", type=int, default=200, help="optimizer steps in the whole run")
+parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of max-steps)")
+parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (benchmarks: 0)")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+# eval, logging, checkpoints
+parser.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
+parser.add_argument("--log-every", type=int, default=10, help="print and log the loss every N steps")
+parser.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
+parser.add_argument("--out-dir", default=None, help="where results go (default: out/<method>_<size>)")
+parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+# system
+parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU); weights stay fp32")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches")
+# --- METHOD: begin ---
+METHOD = "lowrank"
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+parser.add_argument("--rank", type=int, default=None, help="r, inner dimension of B A (default: model.RANKS)")
+parser.add_argument("--refactor-every", type=int, default=200,
+                    help="K: re-balance every B A through its SVD every K steps (0: never)")
+parser.add_argument("--momentum-reset-every", type=int, default=None,
+                    help="zero the factors' Adam moments every N steps (0: never; default: --refactor-every)")
+parser.add_argument("--reset-moments", default="both", choices=["both", "first"],
+                    help="which moments a reset zeroes: both (and the bias correction restarts) or the first only")
+# --- METHOD: end ---
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# setup: processes, device, precision
+
+cfg = get_config(args.size)
+ddp = "RANK" in os.environ  # launched by torchrun
+if ddp:
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
+else:
+    rank, world = 0, 1
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+master = rank == 0  # only rank 0 prints and writes files
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    torch.cuda.set_device(device)
+dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+autocast = torch.autocast(device_type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+out_dir = args.out_dir or os.path.join("out", f"{METHOD}_{args.size}")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if args.resume and not os.path.exists(ckpt_path):
+    sys.exit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# data: random training windows, and the fixed validation set shared by every method
+
+if master:  # rank 0 prepares the default corpus if needed, the others wait for it
+    tokens = load_tokens(args.dataset)
+if ddp:
+    dist.barrier()
+if not master:
+    tokens = load_tokens(args.dataset)
+B, T, accum = args.batch_size, args.seq_len, args.grad_accum
+tokens_per_step = B * T * accum * world
+val = val_windows(tokens["val"], T, args.val_tokens)
+warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 10
+
+# -----------------------------------------------------------------------------
+# model: the same initial weights for every method (same seed)
+
+torch.manual_seed(args.seed)
+model = Llama(cfg).to(device)
+
+# -----------------------------------------------------------------------------
+# --- METHOD: begin ---
+# the method: low-rank factors B A in place of every attention/MLP matrix (Glentis et al. 2025)
+
+
+class LowRankLinear(torch.nn.Module):
+    """y = x A^T B^T for W = B A, B (m x r), A (r x n): r(m + n) parameters instead of mn."""
+
+    def __init__(self, m, n, r, std):
+        super().__init__()
+        self.B = torch.nn.Parameter(torch.randn(m, r) * std)
+        self.A = torch.nn.Parameter(torch.randn(r, n) * std)
+
+    def forward(self, x):
+        linear = torch.nn.functional.linear
+        return linear(linear(x, self.A), self.B)  # (.., n) -> (.., r) -> (.., m)
+
+
+@torch.no_grad()
+def refactorize(B, A):
+    """Replace B, A by the balanced factors of the same product, B' = U S^1/2, A' = S^1/2 V^T for
+    B A = U S V^T, so that B'^T B' = A' A'^T = S. Only m x r, n x r and r x r matrices are formed."""
+    Qb, Rb = torch.linalg.qr(B.float())      # (m, r), (r, r)
+    Qa, Ra = torch.linalg.qr(A.float().T)    # (n, r), (r, r)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)   # B A = Qb (Rb Ra^T) Qa^T = (Qb U) S (Qa Vh^T)^T
+    root = S.sqrt()
+    B.copy_((Qb @ U) * root)                 # (m, r) @ (r, r), columns scaled by S^1/2
+    A.copy_(root[:, None] * (Vh @ Qa.T))     # (r, r) @ (r, n), rows scaled by S^1/2
+
+
+@torch.no_grad()
+def reset_momentum(optimizer, params, which):
+    """Zero AdamW's first moment (and with "both" the second, restarting the bias correction) of params."""
+    for p in params:
+        state = optimizer.state[p]
+        if state:  # no state before the first step
+            state["exp_avg"].zero_()
+            if which == "both":
+                state["exp_avg_sq"].zero_()
+                state["step"].zero_()
+
+
+rank = args.rank or RANKS[args.size]
+if rank >= min(cfg.n_embd, cfg.n_ff):
+    sys.exit(f"error: --rank {rank} must be below d_model {cfg.n_embd} to be low rank")
+reset_every = args.refactor_every if args.momentum_reset_every is None else args.momentum_reset_every
+# init: entries of B A have variance r std^4; matching the full model's init_std^2 keeps every layer's
+# output scale (and so the initial loss and activations) the same as the full-rank model's
+std = (cfg.init_std ** 2 / rank) ** 0.25
+factorized = []
+for name, linear in compressible_matrices(model):
+    parent, child = name.rsplit(".", 1)
+    factorized.append(LowRankLinear(*linear.weight.shape, rank, std).to(device))
+    setattr(model.get_submodule(parent), child, factorized[-1])
+factors = [p for layer in factorized for p in (layer.B, layer.A)]
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+# --- METHOD: end ---
+
+raw_model = model  # the module itself, for state_dict and memory accounting
+if args.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+counts = param_counts(raw_model)
+if master:
+    print(f"{METHOD} | size {args.size} | {counts['total']:,} parameters ({counts['embedding']:,} embedding, "
+          f"{counts['non_embedding']:,} non-embedding) | {world} x {device} | {dtype} | "
+          f"{tokens_per_step:,} tokens/step")
+
+
+def get_lr(step):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, args.max_steps - warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+start_step = 0
+if args.resume:  # plain tensors only, so weights_only=True loads it safely
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    start_step = ckpt["step"]
+
+# -----------------------------------------------------------------------------
+# training loop
+
+log = open(os.path.join(out_dir, "log.jsonl"), "a" if args.resume else "w") if master else None
+train_time, timed_tokens, grads_bytes = 0.0, 0, 0
+bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
+           desc=f"{METHOD} {args.size}", disable=not master)
+for step in bar:
+    t0 = time.time()
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # ---------------- TRAINING SECTION BEGIN ----------------
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum):
+        # batch offsets depend only on (seed, step, micro_step, rank): identical for every method and on resume
+        x, y = get_batch(tokens["train"], B, T, seed=args.seed * 10**9 + (step * accum + micro_step) * world + rank)
+        x, y = x.to(device), y.to(device)
+        # under DDP, all-reduce the gradients only on the last micro-batch
+        sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
+    if step == args.max_steps - 1:  # the gradients alive at the optimizer step, counted once
+        grads_bytes = tensor_bytes(p.grad for p in raw_model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    # --- METHOD: begin ---
+    if args.refactor_every and (step + 1) % args.refactor_every == 0:
+        for layer in factorized:
+            refactorize(layer.B, layer.A)
+    if reset_every and (step + 1) % reset_every == 0:
+        reset_momentum(optimizer, factors, args.reset_moments)
+    # --- METHOD: end ---
+    # ---------------- TRAINING SECTION END ----------------
+    # everything below is diagnostics
+    train_loss = loss_sum.item() / accum
+    if not math.isfinite(train_loss):
+        sys.exit(f"error: loss is {train_loss} at step {step + 1}")
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    if step == start_step and device_type == "cuda":  # measure the peak after a warm-up step
+        torch.cuda.reset_peak_memory_stats(device)
+    if step > start_step:  # the first step pays for allocation and compilation
+        train_time, timed_tokens = train_time + dt, timed_tokens + tokens_per_step
+    last = step == args.max_steps - 1
+    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr,
+              "tok_per_s": tokens_per_step / dt}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm.item()
+    if (step + 1) % args.eval_every == 0 or last:
+        record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record):
+        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    bar.set_postfix(loss=f"{train_loss:.3f}")
+    if master and args.ckpt_every > 0 and ((step + 1) % args.ckpt_every == 0 or last):
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+        torch.save(ckpt, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
+
+# -----------------------------------------------------------------------------
+# results
+
+if master and args.max_steps > start_step:
+    memory = memory_report(raw_model, optimizer)
+    memory["grads_bytes"] = grads_bytes
+    if device_type == "cuda":
+        memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    result = {"method": METHOD, "size": args.size, "steps": args.max_steps,
+              "tokens": args.max_steps * tokens_per_step, "val_loss": record["val_loss"],
+              "val_ppl": record["val_ppl"], **memory, "params": counts,
+              "tokens_per_s": timed_tokens / train_time if train_time else None,
+              "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+              "world_size": world, "dtype": dtype, "torch": torch.__version__, "args": vars(args)}
+    # --- METHOD: begin ---
+    result.update(rank=rank, refactor_every=args.refactor_every, momentum_reset_every=reset_every,
+                  reset_moments=args.reset_moments)
+    # --- METHOD: end ---
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
+          + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
+          + f" | {result['tokens_per_s'] or 0:,.0f} tok/s -> {out_dir}/result.json")
+if ddp:
+    dist.destroy_process_group()
