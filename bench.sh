@@ -5,12 +5,13 @@
 #   bash bench.sh --budget 0.05                    # 5% of the papers' steps
 #   SIZES="60m 130m" METHODS="full galore" bash bench.sh
 #   OUT=results/2026-11-25-cpu bash bench.sh       # resume that sweep: finished runs are skipped
+#   LR=1e-2 bash bench.sh                          # one learning rate for every method
 #
 # Budgets, as GaLore/Fira/Glentis et al. train: 512 sequences x 256 tokens = 131,072 tokens per step,
 #   60m 10K steps (1.3B tokens), 130m 20K (2.6B), 350m 60K (7.9B), 1b 100K (13.1B),
 # which the papers quote as 1.1B / 2.2B / 6.4B / 13.1B tokens. --budget scales the steps (GPU default
 # 0.1: a 350m run is then ~8 GPU-hours per method on one H100-class GPU). Warmup is 10% of the steps,
-# each method runs at its paper's learning rate, and the projector / refactorization period is the
+# each method runs at its paper's learning rate (or LR), and the projector / refactorization period is the
 # papers' T = 200 steps (scaled down with the CPU budget so that it still acts).
 #
 # The CPU default (no GPU): `tiny` on the embedded Shakespeare corpus, CPU_STEPS=100 steps of 8 x 256
@@ -100,9 +101,10 @@ for size in $SIZES; do
         if [ -f "$run/result.json" ]; then echo "[skip] $method $size: $run/result.json exists"; continue; fi
         mkdir -p "$run"
         rm -f "$run/failed.json"
-        echo "[run ] $method $size: python $cmd --size $size --dataset $DATASET $(echo $budget_args)"
+        echo "[run ] $method $size: python $cmd --size $size --dataset $DATASET $(echo $budget_args ${LR:+--lr $LR})"
         # shellcheck disable=SC2086
-        python $cmd --size "$size" --dataset "$DATASET" $budget_args --out-dir "$run" 2>&1 | tee "$run/train.log"
+        python $cmd --size "$size" --dataset "$DATASET" $budget_args ${LR:+--lr $LR} --out-dir "$run" 2>&1 \
+            | tee "$run/train.log"
         code=${PIPESTATUS[0]}
         if [ "$code" -ne 0 ]; then
             # the reason: the script's one-line error, the exception's last line, or the signal

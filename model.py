@@ -180,15 +180,16 @@ def memory_report(model, optimizer):
             "optimizer_state_bytes": tensor_bytes(states)}
 
 
-def estimate_bf16_bytes(size, method, rank=None):
-    """Weights + optimizer states in bf16 (2 bytes each), counted as the benchmark papers count them.
+def estimate_bf16_bytes(size, method):
+    """Weights, gradients and optimizer states in bf16 (2 bytes each), as the benchmark papers count them.
 
-    full: weights N, AdamW moments 2N.  galore/fira: the compressible m x n matrices keep full weights
-    but their moments live in the projected space (2 max(m,n) r) plus the projector (min(m,n) r);
-    Fira adds one norm scalar per matrix.  lowrank: each matrix becomes B (m x r) A (r x n): weights and
-    each moment r(m+n).  Everything else (embedding, head, norms) has full AdamW in every method.
+    full: weights N, gradients N, AdamW moments 2N.  galore/fira: the compressible m x n matrices keep
+    full weights and gradients, but their moments live in the projected space (2 max(m,n) r) plus the
+    projector (min(m,n) r); Fira adds one norm scalar per matrix.  lowrank: each matrix becomes
+    B (m x r) A (r x n): weights, gradients and each moment r(m+n).  Everything else (embedding, head,
+    norms) has full AdamW in every method.
     """
-    r = rank or RANKS[size]
+    r = RANKS[size]
     with torch.device("meta"):
         model = Llama(get_config(size))
     shapes = [tuple(m.weight.shape) for _, m in compressible_matrices(model)]
@@ -205,7 +206,7 @@ def estimate_bf16_bytes(size, method, rank=None):
         states = 2 * weights
     else:
         raise ValueError(method)
-    return {"weights_bytes": 2 * weights, "optimizer_state_bytes": 2 * states}
+    return {"weights_bytes": 2 * weights, "grads_bytes": 2 * weights, "optimizer_state_bytes": 2 * states}
 
 
 def main():
@@ -219,11 +220,14 @@ def main():
         get_config(size)
     if args.memory:
         methods = ("full", "galore", "fira", "lowrank")
-        print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m + ' (GB)':>14}" for m in methods))
+        print("GB in bf16: weights + optimizer states (as GaLore Table 2) | + gradients (as Fira Table 3)")
+        print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods))
         for size in sizes:
-            gb = [sum(estimate_bf16_bytes(size, m).values()) / 1e9 for m in methods]
-            print(f"{size:>5} {RANKS[size]:>5} " + " ".join(f"{g:>14.3f}" for g in gb))
-        print("weights + optimizer states in bf16, as GaLore Table 2 counts them (no gradients or activations)")
+            est = [estimate_bf16_bytes(size, m) for m in methods]
+            cells = [f"{(e['weights_bytes'] + e['optimizer_state_bytes']) / 1e9:6.3f} | {sum(e.values()) / 1e9:6.3f}"
+                     for e in est]
+            print(f"{size:>5} {RANKS[size]:>5} " + " ".join(f"{c:>15}" for c in cells))
+        print("activations, and GaLore's gradients under --per-layer, are not counted")
         return
     print(f"{'size':>5} {'d':>5} {'ff':>6} {'heads':>5} {'layers':>6} "
           f"{'embedding':>12} {'non-embedding':>14} {'total':>14}")

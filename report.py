@@ -54,7 +54,8 @@ def load_runs(out):
         else:
             row["status"] = "incomplete"
         if method in ESTIMATE:
-            row["bf16_estimate_mib"] = round(sum(estimate_bf16_bytes(size, ESTIMATE[method]).values()) / 2**20, 1)
+            est = estimate_bf16_bytes(size, ESTIMATE[method])
+            row["bf16_estimate_mib"] = round((est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20, 1)
         rows.append(row)
     order = {m: i for i, m in enumerate(METHODS)}
     rows.sort(key=lambda r: (r["size"], order.get(r["method"], len(order))))

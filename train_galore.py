@@ -92,6 +92,8 @@ else:
 master = rank == 0  # only rank 0 prints and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
     torch.cuda.set_device(device)
 dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
 autocast = torch.autocast(device_type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
@@ -179,10 +181,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["exp_avg"].mul_(beta1).add_(R, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1 - beta2)
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
-        N = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + group["eps"])  # Adam's direction, low rank
-        if "rank" in group:
-            N = group["scale"] * (N @ P if side == "right" else P @ N)  # back to (m, n), times alpha
-        p.add_(N, alpha=-step_size)
+        N = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])  # Adam's direction, low rank
+        if "rank" in group:  # back to (m, n); alpha joins the step size (one pass over W fewer)
+            p.add_(N @ P if side == "right" else P @ N, alpha=-step_size * group["scale"])
+        else:
+            p.add_(N, alpha=-step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
@@ -243,7 +246,12 @@ if args.resume:  # plain tensors only, so weights_only=True loads it safely
 # -----------------------------------------------------------------------------
 # training loop
 
-log = open(os.path.join(out_dir, "log.jsonl"), "a" if args.resume else "w") if master else None
+if master:  # a resumed run rewrites the log up to its checkpoint and goes on from there
+    log_path = os.path.join(out_dir, "log.jsonl")
+    resumed = args.resume and os.path.exists(log_path)
+    kept = [line for line in open(log_path) if json.loads(line)["step"] <= start_step] if resumed else []
+    log = open(log_path, "w")
+    log.writelines(kept)
 train_time, timed_tokens, grads_bytes = 0.0, 0, 0
 bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
            desc=f"{METHOD} {args.size}", disable=not master)

@@ -90,6 +90,8 @@ else:
 master = rank == 0  # only rank 0 prints and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
     torch.cuda.set_device(device)
 dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
 autocast = torch.autocast(device_type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
@@ -209,7 +211,12 @@ if args.resume:  # plain tensors only, so weights_only=True loads it safely
 # -----------------------------------------------------------------------------
 # training loop
 
-log = open(os.path.join(out_dir, "log.jsonl"), "a" if args.resume else "w") if master else None
+if master:  # a resumed run rewrites the log up to its checkpoint and goes on from there
+    log_path = os.path.join(out_dir, "log.jsonl")
+    resumed = args.resume and os.path.exists(log_path)
+    kept = [line for line in open(log_path) if json.loads(line)["step"] <= start_step] if resumed else []
+    log = open(log_path, "w")
+    log.writelines(kept)
 train_time, timed_tokens, grads_bytes = 0.0, 0, 0
 bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
            desc=f"{METHOD} {args.size}", disable=not master)

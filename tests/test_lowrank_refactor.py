@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import definitions, train
+from conftest import assert_resume_is_exact, definitions, train
 from model import SIZES, Llama, compressible_matrices
 
 ns = definitions("train_lowrank_refactor.py")
@@ -111,9 +111,4 @@ def test_every_ablation_trains(tmp_path, shakespeare, refactor, reset):
 
 
 def test_resume_across_a_refactorization(tmp_path, shakespeare):
-    flat = ["--warmup-steps", "1", "--min-lr-ratio", "1.0", "--refactor-every", "3"]
-    straight, log_a, _ = train("train_lowrank_refactor.py", tmp_path / "a", "--max-steps", "8", *flat)
-    train("train_lowrank_refactor.py", tmp_path / "b", "--max-steps", "4", "--ckpt-every", "4", *flat)
-    resumed, log_b, _ = train("train_lowrank_refactor.py", tmp_path / "b", "--max-steps", "8", "--resume", *flat)
-    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
-    assert resumed["val_loss"] == straight["val_loss"]
+    assert_resume_is_exact("train_lowrank_refactor.py", tmp_path, "--refactor-every", "3")

@@ -2,7 +2,7 @@ import json
 import os
 import sys
 
-from conftest import NANO, run, train
+from conftest import NANO, assert_resume_is_exact, run, train
 
 
 def test_loss_falls_on_nano(tmp_path, shakespeare):
@@ -18,12 +18,7 @@ def test_loss_falls_on_nano(tmp_path, shakespeare):
 
 
 def test_resume_continues_bit_for_bit(tmp_path, shakespeare):
-    flat = ["--warmup-steps", "1", "--min-lr-ratio", "1.0", "--lr", "3e-3"]  # lr independent of max-steps
-    straight, log_a, _ = train("train_full.py", tmp_path / "a", "--max-steps", "10", *flat)
-    train("train_full.py", tmp_path / "b", "--max-steps", "5", "--ckpt-every", "5", *flat)
-    resumed, log_b, _ = train("train_full.py", tmp_path / "b", "--max-steps", "10", "--resume", *flat)
-    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
-    assert resumed["val_loss"] == straight["val_loss"]
+    assert_resume_is_exact("train_full.py", tmp_path, "--lr", "3e-3", steps=10)
 
 
 def test_ddp_two_processes_on_cpu(tmp_path, shakespeare):
