@@ -10,7 +10,7 @@
 # Budgets, as GaLore/Fira/Glentis et al. train: 512 sequences x 256 tokens = 131,072 tokens per step,
 #   60m 10K steps (1.3B tokens), 130m 20K (2.6B), 350m 60K (7.9B), 1b 100K (13.1B),
 # which the papers quote as 1.1B / 2.2B / 6.4B / 13.1B tokens. --budget scales the steps (GPU default
-# 0.1: a 350m run is then ~8 GPU-hours per method on one H100-class GPU). Warmup is 10% of the steps,
+# 0.1: a 350m run is then 6,000 steps, 786M tokens, per method). Warmup is 10% of the steps,
 # each method runs at its paper's learning rate (or LR), and the projector / refactorization period is the
 # papers' T = 200 steps (scaled down with the CPU budget so that it still acts).
 #

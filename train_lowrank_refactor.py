@@ -44,7 +44,7 @@ parser.add_argument("--size", default="tiny", help="model size from model.SIZES:
 # optimization
 parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-parser.add_argument("--max-steps", type=int, default=200, help="optimizer steps in the whole run")
+parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps in the whole run")
 parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of max-steps)")
 parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (benchmarks: 0)")
