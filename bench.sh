@@ -108,7 +108,7 @@ for size in $SIZES; do
         code=${PIPESTATUS[0]}
         if [ "$code" -ne 0 ]; then
             # the reason: the script's one-line error, the exception's last line, or the signal
-            reason=$(grep -v '^\s*$' "$run/train.log" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 1 | cut -c1-200)
+            reason=$(tr '\r' '\n' < "$run/train.log" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)
             [ "$code" -ge 128 ] && reason="killed by signal $((code - 128)) ($reason)"
             python -c "import json, sys; json.dump({'method': sys.argv[1], 'size': sys.argv[2], \
 'exit_code': int(sys.argv[3]), 'reason': sys.argv[4]}, open(sys.argv[5], 'w'))" \

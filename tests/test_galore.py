@@ -24,6 +24,11 @@ def run_optimizer(make, params, grads):
     return params, opt
 
 
+def assert_same_weights(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def galore(params, rank=4, T=3, scale=0.25, eps=1e-6, weight_decay=0.1, reset_moments=False):
     return GaLoreAdamW([{"params": params[2:]},
                         {"params": params[:2], "rank": rank, "update_proj_gap": T, "scale": scale,
@@ -39,8 +44,7 @@ def test_identity_projector_at_full_rank_is_adamw(monkeypatch):
     params, grads = params_and_grads(steps=3)
     ours, _ = run_optimizer(lambda ps: galore(ps, rank=12, scale=1.0, eps=1e-12, weight_decay=0), params, grads)
     ref, _ = run_optimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-12, weight_decay=0), params, grads)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_weights(ours, ref)
 
 
 def test_projector_is_orthonormal_and_refreshes_at_0_T_2T():
@@ -81,8 +85,7 @@ def test_matches_official_galore_torch(official):
     ref, _ = run_optimizer(lambda ps: galore_torch.GaLoreAdamW(
         [{"params": ps[2:]}, {"params": ps[:2], "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}],
         lr=1e-2, weight_decay=0.1, no_deprecation_warning=True), params, grads)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_weights(ours, ref)
 
 
 def test_optimizer_state_bytes_match_the_formula():
