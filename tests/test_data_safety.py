@@ -1,0 +1,350 @@
+"""data.py under concurrency, kills and bad input: preparation is locked and atomic, load_tokens accepts only
+finished datasets, and every refusal is a one-line error that says what to do."""
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import data
+from conftest import ROOT
+
+FILES = ("train.bin", "val.bin", "meta.json")
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    data.get_tokenizer()  # cached before the data dir moves
+    d = tmp_path / "data"
+    monkeypatch.setattr(data, "DATA_DIR", str(d))
+    return d
+
+
+def write_corpus(folder, n_docs, word="document"):
+    """A folder of n_docs small .txt files; returns its text:PATH dataset name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    for i in range(n_docs):
+        (folder / f"{i:03d}.txt").write_text(f"{word} {i} " * 200)
+    return f"text:{folder}"
+
+
+def snapshot(dataset_dir):
+    """The bytes of every file in a dataset directory (the lock file aside)."""
+    return {f: (dataset_dir / f).read_bytes() for f in sorted(os.listdir(dataset_dir)) if f != "prepare.lock"}
+
+
+def exit_message(fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def forked(target):
+    """Run target() in a forked child process; returns its exit code (-9 when it SIGKILLed itself)."""
+    p = multiprocessing.get_context("fork").Process(target=target)
+    p.start()
+    p.join(60)
+    return p.exitcode
+
+
+# -----------------------------------------------------------------------------
+# concurrency
+
+def test_concurrent_preparations_equal_one(tmp_path, data_dir, monkeypatch):
+    name = write_corpus(tmp_path / "corpus", 60)
+    data.prepare(name)
+    single = snapshot(data_dir / "text-corpus")
+    assert set(single) == set(FILES)
+
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data2"))
+    go = multiprocessing.get_context("fork").Event()
+
+    def prepare_on_go():
+        go.wait()
+        data.prepare(name)
+
+    procs = [multiprocessing.get_context("fork").Process(target=prepare_on_go) for _ in range(2)]
+    for p in procs:
+        p.start()
+    go.set()  # both start at once
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert snapshot(tmp_path / "data2" / "text-corpus") == single
+
+
+def test_cli_waits_for_a_running_preparation(tmp_path):
+    """python data.py (DATA_DIR from the environment) waits on the lock, and load_tokens says why it refuses."""
+    name = write_corpus(tmp_path / "corpus", 5)
+    data_dir = tmp_path / "data"
+    data.get_tokenizer()  # the real data dir has the tokenizer files now; the subprocess gets a copy
+    shutil.copytree(os.path.join(data.DATA_DIR, "tokenizer"), data_dir / "tokenizer")
+    env = {**os.environ, "DATA_DIR": str(data_dir)}
+    with data.locked(str(data_dir / "text-corpus")):
+        proc = subprocess.Popen([sys.executable, "data.py", name], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout.readline().startswith("waiting for another process that prepares")
+        assert not (data_dir / "text-corpus" / "train.bin").exists()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(data, "DATA_DIR", str(data_dir))
+            assert exit_message(data.load_tokens, "text-corpus") == (
+                "error: dataset 'text-corpus' is not prepared; another process is preparing it now, "
+                "wait for it to finish")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert out.splitlines()[-1] == "train with: python train_full.py --dataset text-corpus"
+    assert set(snapshot(data_dir / "text-corpus")) == set(FILES)
+
+
+def test_a_loader_that_waited_does_not_prepare_shakespeare_again(data_dir, monkeypatch, capsys):
+    calls, docs = [], ["To be.", "Or not."]
+    monkeypatch.setattr(data, "shakespeare_docs", lambda: calls.append(1) or iter(docs))
+    loaded = {}
+    with data.locked(str(data_dir / "shakespeare")):
+        loader = threading.Thread(target=lambda: loaded.update(data.load_tokens("shakespeare")))
+        loader.start()
+        out, deadline = "", time.time() + 30
+        while "waiting for another process" not in out and time.time() < deadline:
+            time.sleep(0.01)
+            out += capsys.readouterr().out
+        assert "waiting for another process" in out
+        data.write_dataset("shakespeare")  # what the process holding the lock would do
+    loader.join(30)
+    assert len(calls) == 1
+    assert len(loaded["train"]) + len(loaded["val"]) == sum(len(data.get_tokenizer().encode(d)) + 1 for d in docs)
+
+
+def test_an_open_memmap_keeps_its_contents_while_the_dataset_is_re_prepared(tmp_path, data_dir):
+    name = write_corpus(tmp_path / "corpus", 20, "old")
+    data.prepare(name)
+    old = data.load_tokens(name)
+    before = np.array(old["train"])
+    write_corpus(tmp_path / "corpus", 3, "new")  # smaller: a rewrite in place would SIGBUS the old memmap
+    data.prepare(name)
+    assert np.array_equal(old["train"], before)
+    assert len(data.load_tokens(name)["train"]) < len(before)
+
+
+# -----------------------------------------------------------------------------
+# kills and failures
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("point", ["tokenizing", "commit 0", "commit 1", "commit 2"])
+def test_a_killed_preparation_leaves_the_previous_dataset_or_a_refused_one(tmp_path, data_dir, point):
+    name = write_corpus(tmp_path / "corpus", 10, "old")
+    data.prepare(name)
+    d = data_dir / "text-corpus"
+    old = snapshot(d)
+    write_corpus(tmp_path / "corpus", 15, "new")
+
+    def prepare_and_die():  # runs in a forked child, so it may patch data and os for good
+        if point == "tokenizing":
+            text_docs = data.text_docs
+
+            def dying_docs(path):
+                for i, doc in enumerate(text_docs(path)):
+                    if i == 5:
+                        kill_myself()
+                    yield doc
+            data.text_docs = dying_docs
+        else:  # "commit k": killed at the k-th rename, after meta.json was removed
+            replace, renamed = os.replace, []
+
+            def dying_replace(src, dst):
+                if len(renamed) == int(point[-1]):
+                    kill_myself()
+                renamed.append(src)
+                replace(src, dst)
+            os.replace = dying_replace
+        data.prepare(name)
+
+    assert forked(prepare_and_die) == -signal.SIGKILL
+    after = snapshot(d)
+    if point == "tokenizing":
+        assert "train.bin.tmp" in after  # what a SIGKILL leaves: load_tokens ignores it
+        assert {f: after[f] for f in FILES} == old
+        assert len(data.load_tokens(name)["val"]) == len(np.frombuffer(old["val.bin"], np.uint16))
+    else:
+        assert "meta.json" not in after
+        assert exit_message(data.load_tokens, name) == (
+            "error: dataset 'text:" + str(tmp_path / "corpus") + "' is unfinished (no meta.json: its preparation "
+            "was interrupted, or predates meta.json); run: python data.py " + name)
+    data.prepare(name)  # the next preparation overwrites what the kill left
+    new = snapshot(d)
+    assert set(new) == set(FILES)
+    for f in ("train.bin", "val.bin"):  # whatever the kill left in place is a complete old or new file
+        if f in after:
+            assert after[f] in (old[f], new[f])
+
+
+def test_a_failed_preparation_leaves_no_files(tmp_path, data_dir, monkeypatch):
+    name = write_corpus(tmp_path / "corpus", 10)
+    text_docs = data.text_docs
+
+    def failing_docs(path):
+        for i, doc in enumerate(text_docs(path)):
+            if i == 5:
+                raise RuntimeError("disk on fire")
+            yield doc
+    monkeypatch.setattr(data, "text_docs", failing_docs)
+    with pytest.raises(RuntimeError):
+        data.prepare(name)
+    assert snapshot(data_dir / "text-corpus") == {}
+    assert exit_message(data.load_tokens, "text-corpus").startswith("error: dataset 'text-corpus' is not prepared")
+
+    monkeypatch.setattr(data, "text_docs", text_docs)
+    data.prepare(name)
+    previous = snapshot(data_dir / "text-corpus")
+    monkeypatch.setattr(data, "text_docs", failing_docs)
+    with pytest.raises(RuntimeError):
+        data.prepare(name)
+    assert snapshot(data_dir / "text-corpus") == previous
+
+
+# -----------------------------------------------------------------------------
+# meta.json, and what load_tokens refuses
+
+def test_meta_json_records_the_finished_dataset(tmp_path, data_dir):
+    name = write_corpus(tmp_path / "corpus", 4)
+    data.prepare(name, max_tokens=1000)
+    d = data_dir / "text-corpus"
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta == {"tokens": {"train": 900, "val": 100},
+                    "sha256": {s: hashlib.sha256((d / f"{s}.bin").read_bytes()).hexdigest() for s in ("train", "val")},
+                    "tokenizer": "gpt2", "source": str(tmp_path / "corpus"), "max_tokens": 1000}
+    assert set(snapshot(d)) == set(FILES)  # no *.tmp left behind
+
+
+def test_load_refuses_a_dataset_without_meta_json(data_dir):
+    d = data_dir / "c4"
+    d.mkdir(parents=True)
+    for split in ("train", "val"):  # as the old data.py, or a killed one, left it
+        np.arange(1000, dtype=np.uint16).tofile(d / f"{split}.bin")
+    assert exit_message(data.load_tokens, "c4") == (
+        "error: dataset 'c4' is unfinished (no meta.json: its preparation was interrupted, or predates meta.json); "
+        "run: python data.py c4")
+
+
+def test_an_old_shakespeare_without_meta_json_is_prepared_again(data_dir, monkeypatch):
+    d = data_dir / "shakespeare"
+    d.mkdir(parents=True)
+    for split in ("train", "val"):
+        np.arange(1000, dtype=np.uint16).tofile(d / f"{split}.bin")
+    monkeypatch.setattr(data, "shakespeare_docs", lambda: iter(["To be, or not to be."] * 20))
+    tokens = data.load_tokens("shakespeare")
+    assert (d / "meta.json").exists()
+    per_doc = len(data.get_tokenizer().encode("To be, or not to be.")) + 1
+    assert len(tokens["train"]) + len(tokens["val"]) == 20 * per_doc
+
+
+@pytest.mark.parametrize("damage", ["append", "truncate", "delete"])
+def test_load_refuses_files_that_disagree_with_meta_json(tmp_path, data_dir, damage):
+    name = write_corpus(tmp_path / "corpus", 2)
+    data.prepare(name)
+    d = data_dir / "text-corpus"
+    n_train, n_val = json.loads((d / "meta.json").read_text())["tokens"].values()
+    if damage == "append":
+        with open(d / "train.bin", "ab") as f:
+            f.write(b"\0\0")
+        found = f"train.bin has {2 * n_train + 2:,} bytes, but meta.json records {n_train:,} tokens"
+    elif damage == "truncate":
+        os.truncate(d / "train.bin", 1001)
+        found = f"train.bin has 1,001 bytes, but meta.json records {n_train:,} tokens"
+    else:
+        os.remove(d / "val.bin")
+        found = f"val.bin is missing, but meta.json records {n_val:,} tokens"
+    message = exit_message(data.load_tokens, "text-corpus")
+    assert message.startswith(f"error: dataset 'text-corpus' is damaged ({found} = ")
+    assert message.endswith("; run: python data.py text:PATH, with PATH your .txt file or folder named 'corpus'")
+
+
+# -----------------------------------------------------------------------------
+# one-line errors, and the text corpus
+
+def prepared(tmp_path, *texts):
+    """The text-corpus dataset of a folder holding these texts, prepared."""
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(texts):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(text)
+    data.prepare(f"text:{tmp_path / 'corpus'}")
+    return "text-corpus"
+
+
+def cli(*argv):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["data.py", *argv])
+        data.main()
+
+
+def binary_corpus(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    cli(f"text:{tmp_path / 'corpus'}")
+
+
+ERRORS = {
+    "unprepared text dataset": (
+        lambda tmp_path: data.load_tokens("text-my_corpus"),
+        "error: dataset 'text-my_corpus' is not prepared; run: python data.py text:PATH, "
+        "with PATH your .txt file or folder named 'my_corpus'"),
+    "unknown dataset to load": (
+        lambda tmp_path: data.load_tokens("tiny-stories"),
+        "error: dataset 'tiny-stories' is not prepared; run: python data.py NAME, "
+        "with NAME one of shakespeare, c4, fineweb-edu, text:PATH"),
+    "unknown dataset to prepare": (
+        lambda tmp_path: cli("tiny-stories"),
+        "error: unknown dataset 'tiny-stories'; use shakespeare, c4, fineweb-edu or text:PATH"),
+    "--val-tokens below one window": (
+        lambda tmp_path: data.val_windows(np.zeros(1000, np.uint16), 256, 10),
+        "error: --val-tokens 10 is fewer than one window of --seq-len 256 tokens"),
+    "validation split below one window": (
+        lambda tmp_path: data.val_windows(np.zeros(100, np.uint16), 256, 32768),
+        "error: the validation split has 100 tokens, fewer than one window of --seq-len 256 needs (257); "
+        "use a smaller --seq-len or a larger corpus"),
+    "training split below one sequence": (
+        lambda tmp_path: data.load_tokens(prepared(tmp_path, "Tiny. " * 40), 256),
+        "error: dataset 'text-corpus' has 74 training tokens, fewer than one sequence of --seq-len 256 needs "
+        "(258); use a smaller --seq-len or a larger corpus"),
+    "empty training split": (
+        lambda tmp_path: data.load_tokens(prepared(tmp_path, ""), 256),
+        "error: dataset 'text-corpus' has 0 training tokens, fewer than one sequence of --seq-len 256 needs "
+        "(258); use a smaller --seq-len or a larger corpus"),
+    "no readable text": (
+        binary_corpus,
+        "error: no readable text at '{tmp_path}/corpus': its 1 .txt file(s) are binary or not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_one_line_errors(tmp_path, data_dir, case):
+    trigger, expected = ERRORS[case]
+    assert exit_message(trigger, tmp_path) == expected.format(tmp_path=tmp_path)
+
+
+def test_text_corpus_skips_binary_and_non_utf8_files(tmp_path, data_dir, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a_good.txt").write_text("Plain text, ünïcödé too.")
+    (corpus / "b_binary.txt").write_bytes(b"\x7fELF\x02\x01\x01\0\0\0")
+    (corpus / "c_latin1.txt").write_bytes("café".encode("latin-1"))
+    cli(f"text:{corpus}")
+    out, err = capsys.readouterr()
+    assert f"skipped {corpus / 'b_binary.txt'}: binary (contains NUL bytes)" in err
+    assert f"skipped {corpus / 'c_latin1.txt'}: not UTF-8 (byte 0xe9 at offset 3)" in err
+    assert out.splitlines()[-1] == "train with: python train_full.py --dataset text-corpus"
+    tokens = data.load_tokens("text-corpus")
+    ids = np.concatenate([tokens["train"], tokens["val"]]).tolist()
+    assert data.get_tokenizer().decode(ids) == "Plain text, ünïcödé too.<|endoftext|>"
