@@ -165,6 +165,83 @@ def param_counts(model):
 
 
 # -----------------------------------------------------------------------------
+# recipes: what a run does by default, so that `python train_X.py --size 350m` is the papers' 350m run
+
+@dataclass
+class Recipe:
+    steps: int             # optimizer steps of the papers' run (10% of them linear warmup)
+    batch: int             # sequences per optimizer step, all processes together
+    micro_batch_80gb: int  # sequences per forward/backward that fit an 80 GB GPU (bf16; larger GPUs scale it)
+    val_tokens: int        # size of the fixed validation set
+    evals: int             # evaluations per run, the last one at the end
+
+
+SEQ_LEN = 256         # tokens per sequence in every benchmark paper
+CPU_MICRO_BATCH = 8   # sequences per forward/backward on a CPU
+# GaLore / Fira / Glentis et al.: 512 sequences of 256 tokens per step, 10K / 20K / 60K / 100K / 150K steps.
+# nano and tiny are ours: 100 CPU steps of 8 sequences (205K tokens, a few minutes of tiny on 2 cores).
+RECIPES = {
+    "nano": Recipe(100, 8, 8, 32_768, 1),
+    "tiny": Recipe(100, 8, 8, 32_768, 1),
+    "60m": Recipe(10_000, 512, 128, 1_048_576, 10),
+    "130m": Recipe(20_000, 512, 64, 1_048_576, 10),
+    "350m": Recipe(60_000, 512, 64, 1_048_576, 10),
+    "1b": Recipe(100_000, 512, 16, 1_048_576, 10),
+    "7b": Recipe(150_000, 512, 4, 1_048_576, 10),
+}
+
+# The papers act every 200 steps (GaLore's projector T, the restarts' K); 100-step CPU runs act every 25.
+PERIOD = {"nano": 25, "tiny": 25, "7b": 500, "*": 200}
+# alpha of the low-rank parameterizations (y = B A x alpha / r): 32 up to 130m, 16 from 350m (the authors' runs)
+ALPHA = {"350m": 16, "1b": 16, "7b": 16, "*": 32}
+
+# Every script's defaults, per size where they differ ("*": every other size): its paper's settings.
+# Sources in ../README.md ("Recipes"); lrs not found in any release are marked "ours" there.
+METHODS = {
+    "full": {"script": "train_full.py", "lr": 1e-3},
+    "galore": {"script": "train_galore.py", "lr": {"7b": 5e-3, "*": 1e-2}, "rank": RANKS,
+               "update_proj_gap": PERIOD, "scale": 0.25},
+    "fira": {"script": "train_fira.py", "lr": 1e-2, "rank": RANKS, "update_proj_gap": PERIOD,
+             "scale": {"1b": 0.0625, "7b": 0.0625, "*": 0.25}},
+    "lowrank": {"script": "train_lowrank_refactor.py", "lr": {"1b": 5e-3, "7b": 5e-3, "*": 3e-3}, "rank": RANKS,
+                "scale": ALPHA, "refactor_every": PERIOD, "recovery_steps": 10},
+}
+
+# The benchmark's rows: a script's method and what differs from its defaults.
+BENCH_ROWS = {
+    "full": ("full", {}),
+    "galore": ("galore", {}),
+    "fira": ("fira", {}),
+    "lowrank": ("lowrank", {"lr": 1.5e-3, "refactor_every": 0, "momentum_reset_every": 0, "recovery_steps": 0}),
+    "lowrank_restarts": ("lowrank", {}),
+}
+
+
+def method_defaults(method, size):
+    """A script's default settings at a size, values given per size resolved."""
+    pick = lambda v: v.get(size, v.get("*")) if isinstance(v, dict) else v  # noqa: E731
+    return {k: pick(v) for k, v in METHODS[method].items() if k != "script"}
+
+
+def bench_command(row, size):
+    """The script and flags bench.sh runs for a row of the benchmark at a size (every method flag explicit)."""
+    method, overrides = BENCH_ROWS[row]
+    settings = {**method_defaults(method, size), **overrides}
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in settings.items()]
+    return " ".join([METHODS[method]["script"], *flags])
+
+
+def micro_batch(size, batch, world, gpu_bytes):
+    """Sequences per forward/backward: the recipe's 80 GB micro-batch scaled to this GPU's memory (a power of two,
+    at most the per-process batch), or CPU_MICRO_BATCH on a CPU (gpu_bytes 0)."""
+    per_process = batch // world
+    if not gpu_bytes:
+        return min(CPU_MICRO_BATCH, per_process)
+    fits = max(1, int(RECIPES[size].micro_batch_80gb * gpu_bytes / (80 * 2**30)))
+    return min(2 ** int(math.log2(fits)), per_process)
+
+
+# -----------------------------------------------------------------------------
 # memory accounting: counted from the live tensors, so it is exact on any device
 
 def tensor_bytes(tensors):
@@ -172,71 +249,129 @@ def tensor_bytes(tensors):
 
 
 def memory_report(model, optimizer):
-    """Bytes of weights, of gradients alive now, and of every tensor in the optimizer's state."""
+    """Bytes of weights, of gradients alive now, of every tensor in the optimizer's state, and of the model's
+    buffers (SLTrain's sparse support indices; no other method keeps any)."""
     params = list(model.parameters())
     states = [t for s in optimizer.state.values() for t in s.values()]
     return {"weights_bytes": tensor_bytes(params),
             "grads_bytes": tensor_bytes(p.grad for p in params),
-            "optimizer_state_bytes": tensor_bytes(states)}
+            "optimizer_state_bytes": tensor_bytes(states),
+            "buffers_bytes": tensor_bytes(model.buffers())}
 
 
-def estimate_bf16_bytes(size, method):
-    """Weights, gradients and optimizer states in bf16 (2 bytes each), as the benchmark papers count them.
+def estimate_bytes(size, method, precision="bf16", hparams=None):
+    """Weights, gradients, optimizer states and index buffers, from the shapes alone (nothing is allocated).
 
-    full: weights N, gradients N, AdamW moments 2N.  galore/fira: the compressible m x n matrices keep
-    full weights and gradients, but their moments live in the projected space (2 max(m,n) r) plus the
-    projector (min(m,n) r); Fira adds one norm scalar per matrix.  lowrank: each matrix becomes
-    B (m x r) A (r x n): weights, gradients and each moment r(m+n).  Everything else (embedding, head,
-    norms) has full AdamW in every method.
+    Element counts: full: weights N, gradients N, AdamW moments 2N. galore/fira: the compressible m x n
+    matrices keep full weights and gradients, but their moments live in the projected space (2 max(m,n) r)
+    plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. lowrank: each matrix becomes
+    B (m x r) A (r x n): weights, gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values,
+    plus int32 (int64 above 2^31) indices. relora: the frozen W0 (m n) counts as weights, with no gradient
+    and no state; the trainable B A has r(m+n). Everything else (embedding, head, norms) has full AdamW in
+    every method. Bytes per element: 2 in pure bf16 (the papers' convention), 4 in mixed and fp32 (fp32
+    weights, gradients and states). AdamW's 4-byte step counters are not counted. hparams: the run's rank and
+    SLTrain density, if they differ from the defaults (RANKS[size], delta 0.1).
     """
-    r = RANKS[size]
+    r, delta = (hparams or {}).get("rank", RANKS[size]), (hparams or {}).get("delta", 0.1)
     with torch.device("meta"):
         model = Llama(get_config(size))
     shapes = [tuple(m.weight.shape) for _, m in compressible_matrices(model)]
     n_total = sum(p.numel() for p in model.parameters())
     n_other = n_total - sum(m * n for m, n in shapes)
+    index_bytes = 0
     if method == "full":
-        weights, states = n_total, 2 * n_total
+        weights = trained = n_total
+        states = 2 * n_total
     elif method in ("galore", "fira"):
-        weights = n_total
+        weights = trained = n_total
         states = 2 * n_other + sum(2 * max(m, n) * min(r, m, n) + min(m, n) * min(r, m, n) for m, n in shapes)
         states += len(shapes) if method == "fira" else 0
     elif method == "lowrank":
-        weights = n_other + sum(r * (m + n) for m, n in shapes)
+        weights = trained = n_other + sum(r * (m + n) for m, n in shapes)
         states = 2 * weights
+    elif method == "sltrain":
+        nnz = [int(delta * m * n) for m, n in shapes]
+        weights = trained = n_other + sum(r * (m + n) for m, n in shapes) + sum(nnz)
+        states = 2 * weights
+        index_bytes = sum(k * (4 if m * n < 2**31 else 8) for k, (m, n) in zip(nnz, shapes))
+    elif method == "relora":
+        trained = n_other + sum(r * (m + n) for m, n in shapes)
+        weights = trained + sum(m * n for m, n in shapes)
+        states = 2 * trained
     else:
         raise ValueError(method)
-    return {"weights_bytes": 2 * weights, "grads_bytes": 2 * weights, "optimizer_state_bytes": 2 * states}
+    per = 2 if precision == "bf16" else 4
+    return {"weights_bytes": per * weights, "grads_bytes": per * trained, "optimizer_state_bytes": per * states,
+            "buffers_bytes": index_bytes}
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and model FLOPs utilization
+
+# dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s; the first name that occurs
+# in torch.cuda.get_device_name() wins, so the specific names come first
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0), ("L4", 121.0)]
+
+
+def peak_bf16_flops(device_name):
+    """The GPU's dense bf16 peak in FLOP/s, or None for a GPU not in the table (and for a CPU)."""
+    return next((tflops * 1e12 for name, tflops in PEAK_BF16_TFLOPS if name in device_name), None)
+
+
+def flops_per_token(model, seq_len):
+    """Model FLOPs of one token's forward + backward (PaLM, Chowdhery et al. 2022, App. B): 6 per trained
+    weight it multiplies (2 forward, 4 backward) and 4 per frozen one (no weight gradient), plus attention's
+    12 L d T. Every parameter but the input embedding table counts (a lookup, no multiply)."""
+    cfg = model.cfg
+    weights = sum((6 if p.requires_grad else 4) * p.numel() for n, p in model.named_parameters()
+                  if p is not model.embed.weight)
+    return weights + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Sizes of the LLaMA models and the memory they need.")
+    parser = argparse.ArgumentParser(description="Sizes of the LLaMA models, their recipes and the memory they need.")
     parser.add_argument("--size", default=None, help="one size only (default: all)")
     parser.add_argument("--memory", action="store_true",
                         help="print bf16 bytes of weights + optimizer states for every method")
+    parser.add_argument("--bench-command", nargs=2, metavar=("ROW", "SIZE"),
+                        help="print the script and flags bench.sh runs for a benchmark row at a size")
     args = parser.parse_args()
+    if args.bench_command:
+        row, size = args.bench_command
+        if row not in BENCH_ROWS:
+            sys.exit(f"error: unknown benchmark row {row!r}; rows: {', '.join(BENCH_ROWS)}")
+        get_config(size)
+        print(bench_command(row, size))
+        return
     sizes = [args.size] if args.size else list(SIZES)
     for size in sizes:
         get_config(size)
     if args.memory:
-        methods = ("full", "galore", "fira", "lowrank")
-        print("GB in bf16: weights + optimizer states (as GaLore Table 2) | + gradients (as Fira Table 3)")
-        print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods))
+        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora")
+        print("GB in pure bf16 (2 bytes per element, as the papers count): weights + optimizer states "
+              "(as GaLore Table 2) | + gradients (as Fira Table 3); sltrain at delta 0.1 adds its int32 indices")
+        print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods) + f" {'sltrain indices':>16}")
         for size in sizes:
-            est = [estimate_bf16_bytes(size, m) for m in methods]
-            cells = [f"{(e['weights_bytes'] + e['optimizer_state_bytes']) / 1e9:6.3f} | {sum(e.values()) / 1e9:6.3f}"
+            est = [estimate_bytes(size, m) for m in methods]
+            cells = [f"{(e['weights_bytes'] + e['optimizer_state_bytes']) / 1e9:6.3f} | "
+                     f"{(e['weights_bytes'] + e['optimizer_state_bytes'] + e['grads_bytes']) / 1e9:6.3f}"
                      for e in est]
-            print(f"{size:>5} {RANKS[size]:>5} " + " ".join(f"{c:>15}" for c in cells))
+            print(f"{size:>5} {RANKS[size]:>5} " + " ".join(f"{c:>15}" for c in cells)
+                  + f" {est[4]['buffers_bytes'] / 1e9:16.3f}")
         print("activations, and GaLore's gradients under --per-layer, are not counted")
         return
     print(f"{'size':>5} {'d':>5} {'ff':>6} {'heads':>5} {'layers':>6} "
-          f"{'embedding':>12} {'non-embedding':>14} {'total':>14}")
+          f"{'embedding':>12} {'non-embedding':>14} {'total':>14} {'recipe':>28}")
     for size in sizes:
-        cfg = SIZES[size]
+        cfg, recipe = SIZES[size], RECIPES[size]
         with torch.device("meta"):
             c = param_counts(Llama(cfg))
+        tokens = recipe.steps * recipe.batch * SEQ_LEN
+        tokens = f"{tokens / 1e9:.2f}B" if tokens >= 1e9 else f"{tokens / 1e6:.2f}M"
         print(f"{size:>5} {cfg.n_embd:>5} {cfg.n_ff:>6} {cfg.n_head:>5} {cfg.n_layer:>6} "
-              f"{c['embedding']:>12,} {c['non_embedding']:>14,} {c['total']:>14,}")
+              f"{c['embedding']:>12,} {c['non_embedding']:>14,} {c['total']:>14,} "
+              f"{f'{recipe.steps:,} x {recipe.batch} x {SEQ_LEN} = {tokens}':>28}")
 
 
 if __name__ == "__main__":

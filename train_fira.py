@@ -1,8 +1,8 @@
 """
 Fira: GaLore's low-rank Adam step plus the gradient's full-rank residual, scaled by the norms Adam gives.
 
-    python train_fira.py --size tiny                       # CPU, embedded Shakespeare corpus
-    python train_fira.py --size 350m --dataset c4          # one GPU (Fira's recipe: --rank 256, lr 0.01)
+    python train_fira.py                                   # tiny on CPU, the embedded Shakespeare corpus
+    python train_fira.py --size 350m --dataset c4          # one GPU, Fira's 350m run (r 256, lr 0.01, T 200)
     torchrun --nproc_per_node=4 train_fira.py --size 1b --dataset c4
 
 The method (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
@@ -16,9 +16,11 @@ Same optimizer memory as GaLore plus one scalar per matrix; the update is full r
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -28,98 +30,161 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import evaluate, get_batch, load_tokens, val_windows
-from model import RANKS, Llama, compressible_matrices, get_config, memory_report, param_counts, tensor_bytes
+from model import (RECIPES, SEQ_LEN, Llama, compressible_matrices, estimate_bytes, flops_per_token, get_config,
+                   memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops, tensor_bytes)
 
 # -----------------------------------------------------------------------------
-# config
+# config: the defaults are the size's recipe; every flag overrides them
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def bounded(cast, low, high=math.inf, open_low=False):
+    """An argparse type: a finite number in [low, high] (or (low, high]), else a one-line error."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            bound = f"> {low}" if open_low else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
+                                             + f", got {text}")
+        return value
+    return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every default (a computed one says how in its help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
+POSITIVE = bounded(float, 0, open_low=True)
+pre = argparse.ArgumentParser(add_help=False)
+pre.add_argument("--size", default="tiny")
+size = pre.parse_known_args()[0].size  # the defaults below depend on the size
+cfg, recipe = get_config(size), RECIPES[size]
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
 # data
 parser.add_argument("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
-parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-parser.add_argument("--val-tokens", type=int, default=32768, help="size of the fixed validation set")
+parser.add_argument("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
+parser.add_argument("--val-tokens", type=COUNT, default=recipe.val_tokens, help="size of the fixed validation set")
 # model
 parser.add_argument("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
 # optimization
-parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps in the whole run")
-parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of max-steps)")
-parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (benchmarks: 0)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+parser.add_argument("--max-steps", type=COUNT, default=None,
+                    help=f"optimizer steps (default: the recipe's {recipe.steps:,} for {size}, times --budget)")
+parser.add_argument("--budget", type=POSITIVE, default=1.0, help="scale the recipe's steps (0.1: a tenth of the run)")
+parser.add_argument("--global-batch", type=COUNT, default=recipe.batch,
+                    help="sequences per optimizer step, all processes together")
+parser.add_argument("--batch-size", type=COUNT, default=None,
+                    help="sequences per forward/backward per process (default: what fits this GPU, 8 on a CPU); "
+                         "gradient accumulation makes up the global batch")
+parser.add_argument("--warmup-steps", type=OFF_OR_COUNT, default=None,
+                    help="linear warmup (default: 10%% of the steps)")
+parser.add_argument("--min-lr-ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays to this x --lr")
+parser.add_argument("--weight-decay", type=bounded(float, 0), default=0.0, help="decoupled weight decay")
+parser.add_argument("--grad-clip", type=bounded(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
 # eval, logging, checkpoints
-parser.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
-parser.add_argument("--log-every", type=int, default=10, help="print and log the loss every N steps")
-parser.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
-parser.add_argument("--out-dir", default=None, help="where results go (default: out/<method>_<size>)")
+parser.add_argument("--eval-every", type=COUNT, default=None,
+                    help=f"evaluate every N steps and at the end (default: {recipe.evals} evaluations per run)")
+parser.add_argument("--log-every", type=COUNT, default=10, help="print and log the loss every N steps")
+parser.add_argument("--ckpt-every", type=OFF_OR_COUNT, default=0, help="checkpoint every N steps and at the end")
+parser.add_argument("--out-dir", default=None, help="where results go (default: out/<run>_<size>_<dataset>)")
 parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+parser.add_argument("--dry-run", action="store_true", help="print the plan of the run and exit (nothing is written)")
 # system
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU); weights stay fp32")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "mixed", "fp32"],
+                    help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
+                         "weights under bf16 autocast; fp32 (auto on CPU)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches")
+parser.add_argument("--seed", type=OFF_OR_COUNT, default=0, help="seed of the initialisation and of the batches")
 # --- METHOD: begin ---
 METHOD = "fira"
-parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (Fira: 0.01 at every size)")
-parser.add_argument("--rank", type=int, default=None, help="r, rank of the projection (default: model.RANKS)")
-parser.add_argument("--update-proj-gap", type=int, default=200, help="T: recompute the projector every T steps")
-parser.add_argument("--scale", type=float, default=None,
-                    help="alpha: scale of the projected-back update (default: 0.25, and 0.0625 from 1b up)")
+parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+parser.add_argument("--rank", type=COUNT, help="r, rank of the projection")
+parser.add_argument("--update-proj-gap", type=COUNT, help="T: recompute the projector every T steps")
+parser.add_argument("--scale", type=POSITIVE, help="alpha: scale of the projected-back update")
 parser.add_argument("--paper-residual", action="store_true",
                     help="Fira's Alg. 1: S = phi (G - R Q), alpha on both terms "
                          "(official: alpha N Q + phi (G - alpha R Q))")
+
+
+def run_name(args):
+    return METHOD
+
 # --- METHOD: end ---
+parser.set_defaults(**method_defaults(METHOD, size))
 args = parser.parse_args()
 
-# -----------------------------------------------------------------------------
-# setup: processes, device, precision
+if args.max_steps is not None and args.budget != 1.0:
+    sys.exit("error: give --max-steps or --budget, not both")
 
-cfg = get_config(args.size)
+# -----------------------------------------------------------------------------
+# setup: processes, device, precision, batch, output folder
+
+if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+    sys.exit(f"error: --device {args.device!r} is not cpu, cuda or cuda:N")
 ddp = "RANK" in os.environ  # launched by torchrun
 if ddp:
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    ddp_rank, ddp_world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
 else:
-    rank, world = 0, 1
+    ddp_rank, ddp_world = 0, 1
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-master = rank == 0  # only rank 0 prints and writes files
+master = ddp_rank == 0  # only rank 0 prints and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
     if not torch.cuda.is_available():
         sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
     torch.cuda.set_device(device)
-dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-autocast = torch.autocast(device_type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-out_dir = args.out_dir or os.path.join("out", f"{METHOD}_{args.size}")
+precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # pure bf16: the papers' runs
+autocast = torch.autocast(device_type, torch.bfloat16) if precision == "mixed" else contextlib.nullcontext()
+# the global batch is fixed by the recipe; each process runs micro-batches of B and accumulates the rest
+T, global_batch = args.seq_len, args.global_batch
+gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device_type == "cuda" else 0
+B = args.batch_size or micro_batch(args.size, global_batch, ddp_world, gpu_bytes)
+if global_batch % (B * ddp_world):
+    sys.exit(f"error: --global-batch {global_batch} is not a multiple of --batch-size {B} x {ddp_world} processes")
+accum = global_batch // (B * ddp_world)
+tokens_per_step = global_batch * T
+max_steps = args.max_steps or max(1, round(recipe.steps * args.budget))
+warmup_steps = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+eval_every = args.eval_every or max(1, max_steps // recipe.evals)
+run = run_name(args)
+out_dir = args.out_dir or os.path.join("out", f"{run}_{args.size}_{args.dataset.replace(':', '-')}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if args.resume and not os.path.exists(ckpt_path):
     sys.exit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
+if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("result.json", "ckpt.pt")):
+    sys.exit(f"error: {out_dir} holds an earlier run; --resume it or choose another --out-dir")
 
 # -----------------------------------------------------------------------------
 # data: random training windows, and the fixed validation set shared by every method
 
 if master:  # rank 0 prepares the default corpus if needed, the others wait for it
-    tokens = load_tokens(args.dataset)
+    tokens = load_tokens(args.dataset, T)
 if ddp:
     dist.barrier()
 if not master:
-    tokens = load_tokens(args.dataset)
-B, T, accum = args.batch_size, args.seq_len, args.grad_accum
-tokens_per_step = B * T * accum * world
+    tokens = load_tokens(args.dataset, T)
 val = val_windows(tokens["val"], T, args.val_tokens)
-warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 10
 
 # -----------------------------------------------------------------------------
 # model: the same initial weights for every method (same seed)
 
 torch.manual_seed(args.seed)
-model = Llama(cfg).to(device)
+if args.dry_run:  # the plan needs shapes, not weights
+    device = "meta"
+with torch.device("meta") if args.dry_run else contextlib.nullcontext():
+    model = Llama(cfg)
+model = model.to(device, param_dtype)
 
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
@@ -193,66 +258,124 @@ class FiraAdamW(torch.optim.Optimizer):
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
-rank = args.rank or RANKS[args.size]
-scale = args.scale if args.scale is not None else (0.0625 if args.size in ("1b", "7b") else 0.25)
+r = args.rank
 fira_params = [lin.weight for _, lin in compressible_matrices(model)]
+for m, n in {tuple(p.shape) for p in fira_params}:
+    if r * (2 * max(m, n) + min(m, n)) >= 2 * m * n:  # moments of m x r plus the projector, against AdamW's 2mn
+        sys.exit(f"error: --rank {r} is too large for the {m} x {n} matrices: Fira would keep more state than "
+                 f"AdamW (use r < {2 * m * n // (2 * max(m, n) + min(m, n))})")
 projected = {id(p) for p in fira_params}
 optimizer = FiraAdamW(
     [{"params": [p for p in model.parameters() if id(p) not in projected]},
-     {"params": fira_params, "rank": rank, "update_proj_gap": args.update_proj_gap, "scale": scale,
+     {"params": fira_params, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
       "paper_residual": args.paper_residual}],
     lr=args.lr, weight_decay=args.weight_decay)
+hparams = {"lr": args.lr, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
+           "paper_residual": args.paper_residual}
+
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
+n_flops = flops_per_token(raw_model, T)
 if args.compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
 counts = param_counts(raw_model)
 if master:
-    print(f"{METHOD} | size {args.size} | {counts['total']:,} parameters ({counts['embedding']:,} embedding, "
-          f"{counts['non_embedding']:,} non-embedding) | {world} x {device} | {dtype} | "
-          f"{tokens_per_step:,} tokens/step")
+    estimate = estimate_bytes(args.size, METHOD, precision, hparams)
+    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head) "
+          f"| {ddp_world} x {device_type} | {precision}")
+    print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {global_batch} x {T} = "
+          f"{tokens_per_step:,} tokens/step ({B} per micro-batch x {accum} accumulated x {ddp_world} processes) | "
+          f"{max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
+          f"eval every {eval_every} on {val[0].numel():,} tokens")
+    print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
+    print(f"memory ({precision}, estimated from shapes): "
+          + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
+                       for k, v in estimate.items() if v) + "; activations not counted")
+    print(f"results -> {out_dir}/result.json and log.jsonl" + (" (dry run: nothing written)" if args.dry_run else ""))
+if args.dry_run:
+    sys.exit(0)
 
 
 def get_lr(step):
     """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
     if step < warmup_steps:
         return args.lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, args.max_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-start_step = 0
-if args.resume:  # plain tensors only, so weights_only=True loads it safely
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+def all_finite(tensors):
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+# a resume must continue the same run: these settings have to match the checkpoint's
+config = {"method": METHOD, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": T,
+          "global_batch": global_batch, "precision": precision, "weight_decay": args.weight_decay,
+          "grad_clip": args.grad_clip, **hparams}
+start_step, stats = 0, {"train_time": 0.0, "timed_tokens": 0, "grads_bytes": 0}
+if args.resume:  # plain tensors and numbers only, so weights_only=True loads it safely
+    try:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:
+        sys.exit(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
+    for key in {**saved, **config}:
+        if saved.get(key) != config.get(key):
+            sys.exit(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
+                     f"{key} {saved.get(key)}; resume with the same settings or use another --out-dir")
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    start_step = ckpt["step"]
+    start_step, stats = ckpt["step"], ckpt["stats"]
+    if start_step > max_steps:
+        sys.exit(f"error: {ckpt_path} is at step {start_step}, beyond --max-steps {max_steps}")
 
 # -----------------------------------------------------------------------------
 # training loop
 
-if master:  # a resumed run rewrites the log up to its checkpoint and goes on from there
+if master:
+    try:  # held until this process exits: a second run in the same folder stops here
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is using {out_dir} (choose another --out-dir)")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    # a resumed run keeps the log up to its checkpoint, rewritten atomically before anything else
     log_path = os.path.join(out_dir, "log.jsonl")
-    resumed = args.resume and os.path.exists(log_path)
-    kept = [line for line in open(log_path) if json.loads(line)["step"] <= start_step] if resumed else []
-    log = open(log_path, "w")
-    log.writelines(kept)
-train_time, timed_tokens, grads_bytes = 0.0, 0, 0
-bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-           desc=f"{METHOD} {args.size}", disable=not master)
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        for line in open(log_path):
+            with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a")
+estimate_time = device_type == "cpu" and args.size not in ("nano", "tiny")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
+           disable=not master)
+last_log_time, last_log_tokens, record = 0.0, 0, {}
 for step in bar:
     t0 = time.time()
     lr = get_lr(step)
+    # --- METHOD: begin ---
+    # Fira follows the schedule as it is
+
+# --- METHOD: end ---
     for group in optimizer.param_groups:
         group["lr"] = lr
     # ---------------- TRAINING SECTION BEGIN ----------------
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
-        # batch offsets depend only on (seed, step, micro_step, rank): identical for every method and on resume
-        x, y = get_batch(tokens["train"], B, T, seed=args.seed * 10**9 + (step * accum + micro_step) * world + rank)
+        # batch offsets depend only on (seed, step, micro_step, process): the same for every method and on resume,
+        # and N processes draw what one process with N times the accumulation would
+        seed = args.seed * 10**9 + (step * accum + micro_step) * ddp_world + ddp_rank
+        x, y = get_batch(tokens["train"], B, T, seed)
         x, y = x.to(device), y.to(device)
         # under DDP, all-reduce the gradients only on the last micro-batch
         sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
@@ -261,64 +384,84 @@ for step in bar:
                 _, loss = model(x, y)
             (loss / accum).backward()
         loss_sum += loss.detach()
+        if estimate_time and step == start_step and micro_step == 0 and master:
+            hours = (time.time() - t0) * accum * (max_steps - start_step) / 3600
+            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about {hours:,.1f} h "
+                      f"on this CPU; use a GPU, or --size tiny")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
-    if step == args.max_steps - 1:  # the gradients alive at the optimizer step, counted once
-        grads_bytes = tensor_bytes(p.grad for p in raw_model.parameters())
+    if step == max_steps - 1:  # the gradients alive at the optimizer step, counted once
+        stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     # --- METHOD: begin ---
-    # Fira's projector refresh and limiter happen inside the optimizer step
-    # --- METHOD: end ---
+    method_log = {}  # Fira's projector refresh and limiter happen inside the optimizer step
+# --- METHOD: end ---
     # ---------------- TRAINING SECTION END ----------------
     # everything below is diagnostics
-    train_loss = loss_sum.item() / accum
+    if ddp:  # the loss of every process, not just rank 0's
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (accum * ddp_world)
     if not math.isfinite(train_loss):
-        sys.exit(f"error: loss is {train_loss} at step {step + 1}")
+        sys.exit(f"error: the training loss is {train_loss} at step {step + 1}: training diverged (try a lower --lr)")
     if device_type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
     if step == start_step and device_type == "cuda":  # measure the peak after a warm-up step
         torch.cuda.reset_peak_memory_stats(device)
     if step > start_step:  # the first step pays for allocation and compilation
-        train_time, timed_tokens = train_time + dt, timed_tokens + tokens_per_step
-    last = step == args.max_steps - 1
-    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr,
-              "tok_per_s": tokens_per_step / dt}
+        stats["train_time"] += dt
+        stats["timed_tokens"] += tokens_per_step
+    last = step == max_steps - 1
+    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr, **method_log}
     if grad_norm is not None:
         record["grad_norm"] = grad_norm.item()
-    if (step + 1) % args.eval_every == 0 or last:
+    if stats["train_time"] > last_log_time:  # training tokens per second since the last log line
+        record["tok_per_s"] = (stats["timed_tokens"] - last_log_tokens) / (stats["train_time"] - last_log_time)
+    if (step + 1) % eval_every == 0 or last:
         record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+        if not math.isfinite(record["val_ppl"]):
+            sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
     if master and ((step + 1) % args.log_every == 0 or "val_loss" in record):
+        last_log_time, last_log_tokens = stats["train_time"], stats["timed_tokens"]
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         log.write(json.dumps(record) + "\n")
         log.flush()
     bar.set_postfix(loss=f"{train_loss:.3f}")
     if master and args.ckpt_every > 0 and ((step + 1) % args.ckpt_every == 0 or last):
-        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+        if not all_finite(raw_model.parameters()):
+            sys.exit(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                "config": config, "stats": stats}
         torch.save(ckpt, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
 
 # -----------------------------------------------------------------------------
 # results
 
-if master and args.max_steps > start_step:
-    memory = memory_report(raw_model, optimizer)
-    memory["grads_bytes"] = grads_bytes
+if "val_loss" not in record:  # a resume of a finished run: evaluate its final weights
+    record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+if master:
+    if not (all_finite(raw_model.parameters()) and math.isfinite(record["val_ppl"])):
+        sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
+    memory = {**memory_report(raw_model, optimizer), "grads_bytes": stats["grads_bytes"]}
     if device_type == "cuda":
         memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    result = {"method": METHOD, "size": args.size, "steps": args.max_steps,
-              "tokens": args.max_steps * tokens_per_step, "val_loss": record["val_loss"],
-              "val_ppl": record["val_ppl"], **memory, "params": counts,
-              "tokens_per_s": timed_tokens / train_time if train_time else None,
+    tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None
+    # model FLOPs utilization against the dense bf16 peak: for bf16 math on a GPU of the table only
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
+    result = {"method": METHOD, "run": run, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+              "steps": max_steps, "tokens": max_steps * tokens_per_step, "val_loss": record["val_loss"],
+              "val_ppl": record["val_ppl"], **memory, "params": counts, "tokens_per_s": tokens_per_s,
+              "flops_per_token": n_flops, "mfu": mfu,
               "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
-              "world_size": world, "dtype": dtype, "torch": torch.__version__, "args": vars(args)}
-    # --- METHOD: begin ---
-    result.update(rank=rank, update_proj_gap=args.update_proj_gap, scale=scale, paper_residual=args.paper_residual)
-    # --- METHOD: end ---
-    with open(os.path.join(out_dir, "result.json"), "w") as f:
+              "world_size": ddp_world, "precision": precision, "micro_batch": B, "grad_accum": accum,
+              "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
+    with open(os.path.join(out_dir, "result.json.tmp"), "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(os.path.join(out_dir, "result.json.tmp"), os.path.join(out_dir, "result.json"))
     print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
           + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
-          + f" | {result['tokens_per_s'] or 0:,.0f} tok/s -> {out_dir}/result.json")
+          + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
 if ddp:
     dist.destroy_process_group()

@@ -1,25 +1,29 @@
 """
-Low-rank factorized training with weight refactorization and momentum reset.
+Low-rank factorized training with restarts: weight refactorization, momentum reset and lr quick recovery.
 
-    python train_lowrank_refactor.py --size tiny               # CPU: refactor + reset every 200 steps
-    python train_lowrank_refactor.py --size tiny --refactor-every 0 --momentum-reset-every 0   # plain low-rank
-    python train_lowrank_refactor.py --size 1b --dataset c4    # one GPU
+    python train_lowrank_refactor.py                           # tiny on CPU: a restart every 25 steps
+    python train_lowrank_refactor.py --refactor-every 0 --momentum-reset-every 0 --recovery-steps 0   # plain
+    python train_lowrank_refactor.py --size 1b --dataset c4    # one GPU, the authors' 1b run (r 512, alpha 16)
     torchrun --nproc_per_node=4 train_lowrank_refactor.py --size 350m --dataset c4
 
 The method (Glentis et al. 2025, "Scalable Parameter and Memory Efficient Pretraining for LLM: Recent
-Algorithmic Advances and Benchmarking"): every attention/MLP matrix W (m x n) is the product B A,
-B (m x r), A (r x n), trained from scratch with AdamW; the full W never exists. Every K steps:
-    B = Qb Rb,  A^T = Qa Ra                       thin QRs, (m x r)(r x r) and (n x r)(r x r)
-    Rb Ra^T = U S V^T                             SVD of an r x r matrix
-    B <- Qb U S^1/2,  A <- S^1/2 V^T Qa^T          weight refactorization: same B A, balanced factors
-    M_B, V_B, M_A, V_A <- 0                        momentum reset: the old moments live in the old coordinates
-Weights r(m+n) instead of mn per matrix, and so are the gradients and each Adam moment.
+Algorithmic Advances and Benchmarking"): every attention/MLP matrix is W = B A alpha / r, with B (m x r)
+and A (r x n) trained from scratch by AdamW (both Kaiming-uniform, as the official code); the m x n matrix
+never exists. Every K steps, a restart:
+    B = Qb Rb,  A^T = Qa Ra,  Rb Ra^T = U S V^T      thin QRs and the SVD of an r x r matrix
+    B <- Qb U S^1/2,  A <- S^1/2 V^T Qa^T             refactorization: the same B A, balanced (B^T B = A A^T = S)
+    M, V, t <- 0 for every parameter                   momentum reset: a brand-new AdamW, embedding and head too
+    lr_{K+j} = lr(K+j) (0.001 + 0.999 j / R)           quick recovery for j = 0 .. R-1 (R = 10 steps)
+Weights r(m+n) instead of mn per matrix, and so are the gradients and each Adam moment. The paper's
+ablation: the reset speeds up convergence most, the refactorization gives a steady gain, both are best.
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -29,117 +33,193 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import evaluate, get_batch, load_tokens, val_windows
-from model import RANKS, Llama, compressible_matrices, get_config, memory_report, param_counts, tensor_bytes
+from model import (RECIPES, SEQ_LEN, Llama, compressible_matrices, estimate_bytes, flops_per_token, get_config,
+                   memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops, tensor_bytes)
 
 # -----------------------------------------------------------------------------
-# config
+# config: the defaults are the size's recipe; every flag overrides them
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def bounded(cast, low, high=math.inf, open_low=False):
+    """An argparse type: a finite number in [low, high] (or (low, high]), else a one-line error."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            bound = f"> {low}" if open_low else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
+                                             + f", got {text}")
+        return value
+    return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every default (a computed one says how in its help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
+POSITIVE = bounded(float, 0, open_low=True)
+pre = argparse.ArgumentParser(add_help=False)
+pre.add_argument("--size", default="tiny")
+size = pre.parse_known_args()[0].size  # the defaults below depend on the size
+cfg, recipe = get_config(size), RECIPES[size]
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
 # data
 parser.add_argument("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
-parser.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-parser.add_argument("--val-tokens", type=int, default=32768, help="size of the fixed validation set")
+parser.add_argument("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
+parser.add_argument("--val-tokens", type=COUNT, default=recipe.val_tokens, help="size of the fixed validation set")
 # model
 parser.add_argument("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
 # optimization
-parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps in the whole run")
-parser.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of max-steps)")
-parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (benchmarks: 0)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+parser.add_argument("--max-steps", type=COUNT, default=None,
+                    help=f"optimizer steps (default: the recipe's {recipe.steps:,} for {size}, times --budget)")
+parser.add_argument("--budget", type=POSITIVE, default=1.0, help="scale the recipe's steps (0.1: a tenth of the run)")
+parser.add_argument("--global-batch", type=COUNT, default=recipe.batch,
+                    help="sequences per optimizer step, all processes together")
+parser.add_argument("--batch-size", type=COUNT, default=None,
+                    help="sequences per forward/backward per process (default: what fits this GPU, 8 on a CPU); "
+                         "gradient accumulation makes up the global batch")
+parser.add_argument("--warmup-steps", type=OFF_OR_COUNT, default=None,
+                    help="linear warmup (default: 10%% of the steps)")
+parser.add_argument("--min-lr-ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays to this x --lr")
+parser.add_argument("--weight-decay", type=bounded(float, 0), default=0.0, help="decoupled weight decay")
+parser.add_argument("--grad-clip", type=bounded(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
 # eval, logging, checkpoints
-parser.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
-parser.add_argument("--log-every", type=int, default=10, help="print and log the loss every N steps")
-parser.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
-parser.add_argument("--out-dir", default=None, help="where results go (default: out/<method>_<size>)")
+parser.add_argument("--eval-every", type=COUNT, default=None,
+                    help=f"evaluate every N steps and at the end (default: {recipe.evals} evaluations per run)")
+parser.add_argument("--log-every", type=COUNT, default=10, help="print and log the loss every N steps")
+parser.add_argument("--ckpt-every", type=OFF_OR_COUNT, default=0, help="checkpoint every N steps and at the end")
+parser.add_argument("--out-dir", default=None, help="where results go (default: out/<run>_<size>_<dataset>)")
 parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+parser.add_argument("--dry-run", action="store_true", help="print the plan of the run and exit (nothing is written)")
 # system
 parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU); weights stay fp32")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "mixed", "fp32"],
+                    help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
+                         "weights under bf16 autocast; fp32 (auto on CPU)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batches")
+parser.add_argument("--seed", type=OFF_OR_COUNT, default=0, help="seed of the initialisation and of the batches")
 # --- METHOD: begin ---
 METHOD = "lowrank"
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-parser.add_argument("--rank", type=int, default=None, help="r, inner dimension of B A (default: model.RANKS)")
-parser.add_argument("--refactor-every", type=int, default=200,
-                    help="K: re-balance every B A through its SVD every K steps (0: never)")
-parser.add_argument("--momentum-reset-every", type=int, default=None,
-                    help="zero the factors' Adam moments every N steps (0: never; default: --refactor-every)")
+parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+parser.add_argument("--rank", type=COUNT, help="r, inner dimension of B A")
+parser.add_argument("--scale", type=POSITIVE, help="alpha: the layer computes B A x alpha / r")
+parser.add_argument("--refactor-every", type=OFF_OR_COUNT, help="K: re-balance every B A through its SVD every K steps")
+parser.add_argument("--momentum-reset-every", type=OFF_OR_COUNT, default=None,
+                    help="reset the optimizer state every N steps (default: --refactor-every)")
+parser.add_argument("--reset-scope", default="all", choices=["all", "factors"],
+                    help="whose state a reset clears: every parameter's (the authors' runs) or B and A only")
 parser.add_argument("--reset-moments", default="both", choices=["both", "first"],
-                    help="which moments a reset zeroes: both (and the bias correction restarts) or the first only")
+                    help="both moments and the step counter (a fresh AdamW), or the first moment only")
+parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
+                    help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
+parser.add_argument("--init", default="kaiming", choices=["kaiming", "variance"],
+                    help="factors' init: Kaiming-uniform (official) or normal with B A alpha / r at the full "
+                         "model's init variance")
+
+
+def run_name(args):
+    reset_every = args.refactor_every if args.momentum_reset_every is None else args.momentum_reset_every
+    return "lowrank_restarts" if args.refactor_every or reset_every else "lowrank"
 # --- METHOD: end ---
+parser.set_defaults(**method_defaults(METHOD, size))
 args = parser.parse_args()
 
-# -----------------------------------------------------------------------------
-# setup: processes, device, precision
+if args.max_steps is not None and args.budget != 1.0:
+    sys.exit("error: give --max-steps or --budget, not both")
 
-cfg = get_config(args.size)
+# -----------------------------------------------------------------------------
+# setup: processes, device, precision, batch, output folder
+
+if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+    sys.exit(f"error: --device {args.device!r} is not cpu, cuda or cuda:N")
 ddp = "RANK" in os.environ  # launched by torchrun
 if ddp:
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    ddp_rank, ddp_world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
 else:
-    rank, world = 0, 1
+    ddp_rank, ddp_world = 0, 1
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-master = rank == 0  # only rank 0 prints and writes files
+master = ddp_rank == 0  # only rank 0 prints and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
     if not torch.cuda.is_available():
         sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
     torch.cuda.set_device(device)
-dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-autocast = torch.autocast(device_type, torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-out_dir = args.out_dir or os.path.join("out", f"{METHOD}_{args.size}")
+precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # pure bf16: the papers' runs
+autocast = torch.autocast(device_type, torch.bfloat16) if precision == "mixed" else contextlib.nullcontext()
+# the global batch is fixed by the recipe; each process runs micro-batches of B and accumulates the rest
+T, global_batch = args.seq_len, args.global_batch
+gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device_type == "cuda" else 0
+B = args.batch_size or micro_batch(args.size, global_batch, ddp_world, gpu_bytes)
+if global_batch % (B * ddp_world):
+    sys.exit(f"error: --global-batch {global_batch} is not a multiple of --batch-size {B} x {ddp_world} processes")
+accum = global_batch // (B * ddp_world)
+tokens_per_step = global_batch * T
+max_steps = args.max_steps or max(1, round(recipe.steps * args.budget))
+warmup_steps = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+eval_every = args.eval_every or max(1, max_steps // recipe.evals)
+run = run_name(args)
+out_dir = args.out_dir or os.path.join("out", f"{run}_{args.size}_{args.dataset.replace(':', '-')}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if args.resume and not os.path.exists(ckpt_path):
     sys.exit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
+if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("result.json", "ckpt.pt")):
+    sys.exit(f"error: {out_dir} holds an earlier run; --resume it or choose another --out-dir")
 
 # -----------------------------------------------------------------------------
 # data: random training windows, and the fixed validation set shared by every method
 
 if master:  # rank 0 prepares the default corpus if needed, the others wait for it
-    tokens = load_tokens(args.dataset)
+    tokens = load_tokens(args.dataset, T)
 if ddp:
     dist.barrier()
 if not master:
-    tokens = load_tokens(args.dataset)
-B, T, accum = args.batch_size, args.seq_len, args.grad_accum
-tokens_per_step = B * T * accum * world
+    tokens = load_tokens(args.dataset, T)
 val = val_windows(tokens["val"], T, args.val_tokens)
-warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 10
 
 # -----------------------------------------------------------------------------
 # model: the same initial weights for every method (same seed)
 
 torch.manual_seed(args.seed)
-model = Llama(cfg).to(device)
+if args.dry_run:  # the plan needs shapes, not weights
+    device = "meta"
+with torch.device("meta") if args.dry_run else contextlib.nullcontext():
+    model = Llama(cfg)
+model = model.to(device, param_dtype)
 
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
-# the method: low-rank factors B A in place of every attention/MLP matrix (Glentis et al. 2025)
+# the method: low-rank factors B A in place of every attention/MLP matrix, with restarts (Glentis et al. 2025)
 
 
 class LowRankLinear(torch.nn.Module):
-    """y = x A^T B^T for W = B A, B (m x r), A (r x n): r(m + n) parameters instead of mn."""
+    """y = B (A x) alpha / r, i.e. W = B A alpha / r with B (m x r), A (r x n): r(m + n) parameters instead of
+    mn. Both factors start Kaiming-uniform, U(+-1/sqrt(fan_in)), as the official code."""
 
-    def __init__(self, m, n, r, std):
+    def __init__(self, m, n, r, alpha):
         super().__init__()
-        self.B = torch.nn.Parameter(torch.randn(m, r) * std)
-        self.A = torch.nn.Parameter(torch.randn(r, n) * std)
+        self.scale = alpha / r
+        self.B = torch.nn.Parameter(torch.empty(m, r))
+        self.A = torch.nn.Parameter(torch.empty(r, n))
+        for factor in (self.B, self.A):
+            torch.nn.init.kaiming_uniform_(factor, a=math.sqrt(5))  # nn.Linear's default init
 
     def forward(self, x):
         linear = torch.nn.functional.linear
-        return linear(linear(x, self.A), self.B)  # (.., n) -> (.., r) -> (.., m)
+        return linear(linear(x, self.A) * self.scale, self.B)  # (.., n) -> (.., r) -> (.., m)
 
 
+# --- RESTART: begin ---
 @torch.no_grad()
 def refactorize(B, A):
     """Replace B, A by the balanced factors of the same product, B' = U S^1/2, A' = S^1/2 V^T for
@@ -153,83 +233,152 @@ def refactorize(B, A):
 
 
 @torch.no_grad()
-def reset_momentum(optimizer, params, which):
-    """Zero AdamW's first moment (and with "both" the second, restarting the bias correction) of params."""
+def reset_optimizer_state(optimizer, params, moments):
+    """AdamW's state of params as a brand-new optimizer's: both moments and the step counter zeroed (the bias
+    correction restarts with them), or with moments="first" the first moment only."""
     for p in params:
         state = optimizer.state[p]
         if state:  # no state before the first step
             state["exp_avg"].zero_()
-            if which == "both":
+            if moments == "both":
                 state["exp_avg_sq"].zero_()
                 state["step"].zero_()
 
 
-rank = args.rank or RANKS[args.size]
-if rank >= min(cfg.n_embd, cfg.n_ff):
-    sys.exit(f"error: --rank {rank} must be below d_model {cfg.n_embd} to be low rank")
-reset_every = args.refactor_every if args.momentum_reset_every is None else args.momentum_reset_every
-# init: entries of B A have variance r std^4; matching the full model's init_std^2 keeps every layer's
-# output scale (and so the initial loss and activations) the same as the full-rank model's
-std = (cfg.init_std ** 2 / rank) ** 0.25
+def recovery_factor(step, every, steps):
+    """The lr's quick recovery: resets follow steps every, 2 every, ... (counted from 1); the first step after
+    one gets 0.001 of the schedule's lr, and the factor climbs linearly back to 1 over `steps` steps."""
+    since = step % every if every and step >= every else steps
+    return 0.001 + 0.999 * since / steps if since < steps else 1.0
+# --- RESTART: end ---
+
+
+r, alpha = args.rank, args.scale
+if r >= min(cfg.n_embd, cfg.n_ff):
+    sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
+refactor_every, recovery_steps, reset_moments = args.refactor_every, args.recovery_steps, args.reset_moments
+reset_every = refactor_every if args.momentum_reset_every is None else args.momentum_reset_every
+if reset_every and recovery_steps >= reset_every:
+    sys.exit(f"error: --recovery-steps {recovery_steps} must be below the reset period {reset_every}")
 factorized = []
 for name, linear in compressible_matrices(model):
     parent, child = name.rsplit(".", 1)
-    factorized.append(LowRankLinear(*linear.weight.shape, rank, std).to(device))
-    setattr(model.get_submodule(parent), child, factorized[-1])
-factors = [p for layer in factorized for p in (layer.B, layer.A)]
+    factorized.append(LowRankLinear(*linear.weight.shape, r, alpha))
+    if args.init == "variance":  # entries of B A alpha / r with the full model's init variance
+        for factor in (factorized[-1].B, factorized[-1].A):
+            torch.nn.init.normal_(factor, std=(cfg.init_std ** 2 * r / alpha ** 2) ** 0.25)
+    setattr(model.get_submodule(parent), child, factorized[-1].to(device, param_dtype))
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
+factors = [p for layer in factorized for p in (layer.B, layer.A)]
+reset_params = list(model.parameters()) if args.reset_scope == "all" else factors
+hparams = {"lr": args.lr, "rank": r, "scale": alpha, "refactor_every": refactor_every, "momentum_reset_every":
+           reset_every, "reset_scope": args.reset_scope, "reset_moments": reset_moments,
+           "recovery_steps": recovery_steps, "init": args.init}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
+n_flops = flops_per_token(raw_model, T)
 if args.compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
 counts = param_counts(raw_model)
 if master:
-    print(f"{METHOD} | size {args.size} | {counts['total']:,} parameters ({counts['embedding']:,} embedding, "
-          f"{counts['non_embedding']:,} non-embedding) | {world} x {device} | {dtype} | "
-          f"{tokens_per_step:,} tokens/step")
+    estimate = estimate_bytes(args.size, METHOD, precision, hparams)
+    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head) "
+          f"| {ddp_world} x {device_type} | {precision}")
+    print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {global_batch} x {T} = "
+          f"{tokens_per_step:,} tokens/step ({B} per micro-batch x {accum} accumulated x {ddp_world} processes) | "
+          f"{max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
+          f"eval every {eval_every} on {val[0].numel():,} tokens")
+    print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
+    print(f"memory ({precision}, estimated from shapes): "
+          + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
+                       for k, v in estimate.items() if v) + "; activations not counted")
+    print(f"results -> {out_dir}/result.json and log.jsonl" + (" (dry run: nothing written)" if args.dry_run else ""))
+if args.dry_run:
+    sys.exit(0)
 
 
 def get_lr(step):
     """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
     if step < warmup_steps:
         return args.lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, args.max_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-start_step = 0
-if args.resume:  # plain tensors only, so weights_only=True loads it safely
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+def all_finite(tensors):
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+# a resume must continue the same run: these settings have to match the checkpoint's
+config = {"method": METHOD, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": T,
+          "global_batch": global_batch, "precision": precision, "weight_decay": args.weight_decay,
+          "grad_clip": args.grad_clip, **hparams}
+start_step, stats = 0, {"train_time": 0.0, "timed_tokens": 0, "grads_bytes": 0}
+if args.resume:  # plain tensors and numbers only, so weights_only=True loads it safely
+    try:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:
+        sys.exit(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
+    for key in {**saved, **config}:
+        if saved.get(key) != config.get(key):
+            sys.exit(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
+                     f"{key} {saved.get(key)}; resume with the same settings or use another --out-dir")
     raw_model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    start_step = ckpt["step"]
+    start_step, stats = ckpt["step"], ckpt["stats"]
+    if start_step > max_steps:
+        sys.exit(f"error: {ckpt_path} is at step {start_step}, beyond --max-steps {max_steps}")
 
 # -----------------------------------------------------------------------------
 # training loop
 
-if master:  # a resumed run rewrites the log up to its checkpoint and goes on from there
+if master:
+    try:  # held until this process exits: a second run in the same folder stops here
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is using {out_dir} (choose another --out-dir)")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    # a resumed run keeps the log up to its checkpoint, rewritten atomically before anything else
     log_path = os.path.join(out_dir, "log.jsonl")
-    resumed = args.resume and os.path.exists(log_path)
-    kept = [line for line in open(log_path) if json.loads(line)["step"] <= start_step] if resumed else []
-    log = open(log_path, "w")
-    log.writelines(kept)
-train_time, timed_tokens, grads_bytes = 0.0, 0, 0
-bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-           desc=f"{METHOD} {args.size}", disable=not master)
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        for line in open(log_path):
+            with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a")
+estimate_time = device_type == "cpu" and args.size not in ("nano", "tiny")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
+           disable=not master)
+last_log_time, last_log_tokens, record = 0.0, 0, {}
 for step in bar:
     t0 = time.time()
     lr = get_lr(step)
+    # --- METHOD: begin ---
+    # --- RESTART: begin ---
+    lr *= recovery_factor(step, reset_every, recovery_steps)  # quick recovery after each momentum reset
+    # --- RESTART: end ---
+# --- METHOD: end ---
     for group in optimizer.param_groups:
         group["lr"] = lr
     # ---------------- TRAINING SECTION BEGIN ----------------
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum):
-        # batch offsets depend only on (seed, step, micro_step, rank): identical for every method and on resume
-        x, y = get_batch(tokens["train"], B, T, seed=args.seed * 10**9 + (step * accum + micro_step) * world + rank)
+        # batch offsets depend only on (seed, step, micro_step, process): the same for every method and on resume,
+        # and N processes draw what one process with N times the accumulation would
+        seed = args.seed * 10**9 + (step * accum + micro_step) * ddp_world + ddp_rank
+        x, y = get_batch(tokens["train"], B, T, seed)
         x, y = x.to(device), y.to(device)
         # under DDP, all-reduce the gradients only on the last micro-batch
         sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
@@ -238,69 +387,93 @@ for step in bar:
                 _, loss = model(x, y)
             (loss / accum).backward()
         loss_sum += loss.detach()
+        if estimate_time and step == start_step and micro_step == 0 and master:
+            hours = (time.time() - t0) * accum * (max_steps - start_step) / 3600
+            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about {hours:,.1f} h "
+                      f"on this CPU; use a GPU, or --size tiny")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
-    if step == args.max_steps - 1:  # the gradients alive at the optimizer step, counted once
-        grads_bytes = tensor_bytes(p.grad for p in raw_model.parameters())
+    if step == max_steps - 1:  # the gradients alive at the optimizer step, counted once
+        stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     # --- METHOD: begin ---
-    if args.refactor_every and (step + 1) % args.refactor_every == 0:
+    # --- RESTART: begin ---
+    if refactor_every and (step + 1) % refactor_every == 0:
         for layer in factorized:
             refactorize(layer.B, layer.A)
+        stats["refactorizations"] = stats.get("refactorizations", 0) + 1
     if reset_every and (step + 1) % reset_every == 0:
-        reset_momentum(optimizer, factors, args.reset_moments)
-    # --- METHOD: end ---
+        reset_optimizer_state(optimizer, reset_params, reset_moments)
+        stats["resets"] = stats.get("resets", 0) + 1
+    method_log = {k: stats[k] for k in ("refactorizations", "resets") if k in stats}
+    # --- RESTART: end ---
+# --- METHOD: end ---
     # ---------------- TRAINING SECTION END ----------------
     # everything below is diagnostics
-    train_loss = loss_sum.item() / accum
+    if ddp:  # the loss of every process, not just rank 0's
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (accum * ddp_world)
     if not math.isfinite(train_loss):
-        sys.exit(f"error: loss is {train_loss} at step {step + 1}")
+        sys.exit(f"error: the training loss is {train_loss} at step {step + 1}: training diverged (try a lower --lr)")
     if device_type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
     if step == start_step and device_type == "cuda":  # measure the peak after a warm-up step
         torch.cuda.reset_peak_memory_stats(device)
     if step > start_step:  # the first step pays for allocation and compilation
-        train_time, timed_tokens = train_time + dt, timed_tokens + tokens_per_step
-    last = step == args.max_steps - 1
-    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr,
-              "tok_per_s": tokens_per_step / dt}
+        stats["train_time"] += dt
+        stats["timed_tokens"] += tokens_per_step
+    last = step == max_steps - 1
+    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr, **method_log}
     if grad_norm is not None:
         record["grad_norm"] = grad_norm.item()
-    if (step + 1) % args.eval_every == 0 or last:
+    if stats["train_time"] > last_log_time:  # training tokens per second since the last log line
+        record["tok_per_s"] = (stats["timed_tokens"] - last_log_tokens) / (stats["train_time"] - last_log_time)
+    if (step + 1) % eval_every == 0 or last:
         record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+        if not math.isfinite(record["val_ppl"]):
+            sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
     if master and ((step + 1) % args.log_every == 0 or "val_loss" in record):
+        last_log_time, last_log_tokens = stats["train_time"], stats["timed_tokens"]
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         log.write(json.dumps(record) + "\n")
         log.flush()
     bar.set_postfix(loss=f"{train_loss:.3f}")
     if master and args.ckpt_every > 0 and ((step + 1) % args.ckpt_every == 0 or last):
-        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}
+        if not all_finite(raw_model.parameters()):
+            sys.exit(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                "config": config, "stats": stats}
         torch.save(ckpt, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
 
 # -----------------------------------------------------------------------------
 # results
 
-if master and args.max_steps > start_step:
-    memory = memory_report(raw_model, optimizer)
-    memory["grads_bytes"] = grads_bytes
+if "val_loss" not in record:  # a resume of a finished run: evaluate its final weights
+    record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+if master:
+    if not (all_finite(raw_model.parameters()) and math.isfinite(record["val_ppl"])):
+        sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
+    memory = {**memory_report(raw_model, optimizer), "grads_bytes": stats["grads_bytes"]}
     if device_type == "cuda":
         memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    result = {"method": METHOD, "size": args.size, "steps": args.max_steps,
-              "tokens": args.max_steps * tokens_per_step, "val_loss": record["val_loss"],
-              "val_ppl": record["val_ppl"], **memory, "params": counts,
-              "tokens_per_s": timed_tokens / train_time if train_time else None,
+    tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None
+    # model FLOPs utilization against the dense bf16 peak: for bf16 math on a GPU of the table only
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
+    result = {"method": METHOD, "run": run, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+              "steps": max_steps, "tokens": max_steps * tokens_per_step, "val_loss": record["val_loss"],
+              "val_ppl": record["val_ppl"], **memory, "params": counts, "tokens_per_s": tokens_per_s,
+              "flops_per_token": n_flops, "mfu": mfu,
               "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
-              "world_size": world, "dtype": dtype, "torch": torch.__version__, "args": vars(args)}
-    # --- METHOD: begin ---
-    result.update(rank=rank, refactor_every=args.refactor_every, momentum_reset_every=reset_every,
-                  reset_moments=args.reset_moments)
-    # --- METHOD: end ---
-    with open(os.path.join(out_dir, "result.json"), "w") as f:
+              "world_size": ddp_world, "precision": precision, "micro_batch": B, "grad_accum": accum,
+              "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
+    with open(os.path.join(out_dir, "result.json.tmp"), "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(os.path.join(out_dir, "result.json.tmp"), os.path.join(out_dir, "result.json"))
     print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
           + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
-          + f" | {result['tokens_per_s'] or 0:,.0f} tok/s -> {out_dir}/result.json")
+          + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
 if ddp:
     dist.destroy_process_group()

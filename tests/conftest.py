@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import subprocess
@@ -7,10 +8,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "train_*.py")))
 
 # a nano run that takes a couple of seconds on CPU
-NANO = ["--size", "nano", "--device", "cpu", "--seq-len", "64", "--batch-size", "8",
-        "--val-tokens", "4096", "--eval-every", "1000", "--log-every", "1"]
+NANO = ["--size", "nano", "--device", "cpu", "--seq-len", "64", "--val-tokens", "4096", "--log-every", "1"]
 
 
 # glibc otherwise mmaps (and page-faults in) every allocation above 32 MiB afresh each step: 2x slower on CPU
@@ -25,6 +26,14 @@ def run(cmd, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def error_of(proc):
+    """The one-line error a failed run ends with (after its progress bar, if any): never a traceback."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-2000:]
+    return last
 
 
 def train(script, out_dir, *extra, check=True):

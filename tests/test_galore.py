@@ -113,7 +113,7 @@ def test_resume_across_a_projector_refresh(tmp_path, shakespeare):
     assert_resume_is_exact("train_galore.py", tmp_path, "--update-proj-gap", "3")
 
 
-def test_per_layer_refuses_gradient_accumulation(tmp_path):
-    _, _, proc = train("train_galore.py", tmp_path, "--per-layer", "--grad-accum", "2", check=False)
+def test_per_layer_refuses_gradient_accumulation(tmp_path, shakespeare):
+    _, _, proc = train("train_galore.py", tmp_path, "--per-layer", "--global-batch", "16", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip().endswith("it works with neither DDP nor --grad-accum > 1")
+    assert proc.stderr.strip().endswith("(here 2: give --global-batch equal to --batch-size)")

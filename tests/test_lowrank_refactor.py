@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -6,7 +8,7 @@ from conftest import assert_resume_is_exact, definitions, train
 from model import SIZES, Llama, compressible_matrices
 
 ns = definitions("train_lowrank_refactor.py")
-LowRankLinear, refactorize, reset_momentum = ns["LowRankLinear"], ns["refactorize"], ns["reset_momentum"]
+LowRankLinear, refactorize, reset_optimizer_state = ns["LowRankLinear"], ns["refactorize"], ns["reset_optimizer_state"]
 
 
 def unbalanced_factors(m=300, n=200, r=8, seed=0):
@@ -49,14 +51,27 @@ def test_refactorization_never_forms_the_m_by_n_product():
     assert max(torch.Size(s).numel() for s in rec.shapes) <= max(m, n) * r
 
 
-def test_refactorization_leaves_the_logits_unchanged():
-    torch.manual_seed(0)
+def lowrank_nano(r=8, alpha=32, seed=0):
+    torch.manual_seed(seed)
     model = Llama(SIZES["nano"])
     layers = []
     for name, linear in compressible_matrices(model):
         parent, child = name.rsplit(".", 1)
-        layers.append(LowRankLinear(*linear.weight.shape, 8, 0.2))
+        layers.append(LowRankLinear(*linear.weight.shape, r, alpha))
         setattr(model.get_submodule(parent), child, layers[-1])
+    return model, layers
+
+
+def test_the_layer_is_b_a_times_alpha_over_r_with_kaiming_factors():
+    layer = LowRankLinear(40, 30, 6, 12.0)
+    x = torch.randn(5, 30)
+    torch.testing.assert_close(layer(x), x @ (layer.B @ layer.A).T * 2.0)
+    for factor, fan_in in ((layer.B, 6), (layer.A, 30)):  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert factor.abs().max() <= 1 / math.sqrt(fan_in) and factor.abs().max() > 0.8 / math.sqrt(fan_in)
+
+
+def test_refactorization_leaves_the_logits_unchanged():
+    model, layers = lowrank_nano()
     with torch.no_grad():
         for layer in layers:  # make the factors badly unbalanced, as training can
             layer.B.mul_(4.0)
@@ -67,27 +82,75 @@ def test_refactorization_leaves_the_logits_unchanged():
         refactorize(layer.B, layer.A)
     after, _ = model(idx)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert all(torch.allclose(l.B.T @ l.B, l.A @ l.A.T, atol=1e-4) for l in layers)
+    assert all(torch.allclose(l.B.T @ l.B, l.A @ l.A.T, atol=1e-5) for l in layers)
 
 
-@pytest.mark.parametrize("which", ["first", "both"])
-def test_momentum_reset_zeroes_exactly_the_chosen_moments_of_the_factors(which):
-    torch.manual_seed(0)
-    layer, other = LowRankLinear(6, 5, 2, 0.5), torch.nn.Parameter(torch.randn(4))
-    opt = torch.optim.AdamW([layer.B, layer.A, other], lr=1e-2)
+def two_adamw_steps(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     for _ in range(2):
-        (layer(torch.randn(3, 5)).square().sum() + other.square().sum()).backward()
+        model(idx, idx)[1].backward()
         opt.step()
         opt.zero_grad()
-    other_state = {k: v.clone() for k, v in opt.state[other].items()}
-    reset_momentum(opt, [layer.B, layer.A], which)
-    for p in (layer.B, layer.A):
+    return opt, idx
+
+
+def test_a_restart_of_scope_all_is_a_brand_new_adamw():
+    model, layers = lowrank_nano()
+    opt, idx = two_adamw_steps(model)
+    reset_optimizer_state(opt, list(model.parameters()), "both")
+    for p in model.parameters():  # embedding and head included
         state = opt.state[p]
-        assert torch.count_nonzero(state["exp_avg"]) == 0
-        assert (torch.count_nonzero(state["exp_avg_sq"]) == 0) == (which == "both")
-        assert state["step"].item() == (0 if which == "both" else 2)
-    for k, v in opt.state[other].items():  # the full-rank parameters keep their state
-        assert torch.equal(v, other_state[k])
+        assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    # the next step is the first step of a fresh AdamW
+    twin = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(idx, idx)[1].backward()
+    fresh = torch.optim.AdamW([torch.nn.Parameter(twin[n]) for n, _ in model.named_parameters()], lr=1e-2)
+    for q, (_, p) in zip(fresh.param_groups[0]["params"], model.named_parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    fresh.step()
+    for q, p in zip(fresh.param_groups[0]["params"], model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("moments", ["first", "both"])
+def test_a_restart_of_scope_factors_leaves_the_rest_untouched(moments):
+    model, layers = lowrank_nano()
+    opt, _ = two_adamw_steps(model)
+    factors = [p for layer in layers for p in (layer.B, layer.A)]
+    others = [p for p in model.parameters() if all(p is not f for f in factors)]
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in others}
+    reset_optimizer_state(opt, factors, moments)
+    for p in factors:
+        state = opt.state[p]
+        assert not state["exp_avg"].any()
+        assert (not state["exp_avg_sq"].any()) == (moments == "both")
+        assert state["step"].item() == (0 if moments == "both" else 2)
+    for p in others:
+        assert all(torch.equal(v, before[id(p)][k]) for k, v in opt.state[p].items())
+
+
+def expected_lr(step, lr, max_steps, warmup, K, R, min_ratio=0.1):
+    """The schedule written out independently: warmup + cosine, times the recovery after each restart."""
+    if step < warmup:
+        base = lr * (step + 1) / warmup
+    else:
+        base = lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2)
+    restarts = [k for k in range(K, max_steps, K) if k <= step]  # 0-based index of the first step after each
+    since = step - restarts[-1] if restarts else R
+    return base * (0.001 + 0.999 * since / R if since < R else 1.0)
+
+
+@pytest.mark.parametrize("warmup", [2, 8])  # 8: the first restart falls inside the warmup
+def test_lr_around_each_restart_follows_the_formula(tmp_path, shakespeare, warmup):
+    K, R, steps = 5, 3, 19  # K does not divide the run
+    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--refactor-every", str(K),
+                      "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "1e-2")
+    assert [r["lr"] for r in log] == pytest.approx([expected_lr(s, 1e-2, steps, warmup, K, R) for s in range(steps)],
+                                                   rel=1e-12)
+    assert [r.get("resets", 0) for r in log] == [(s + 1) // K for s in range(steps)]  # counted by the run itself
+    assert [r.get("refactorizations", 0) for r in log] == [(s + 1) // K for s in range(steps)]
 
 
 def test_parameter_and_state_bytes_follow_r_times_m_plus_n(tmp_path, shakespeare):
@@ -102,13 +165,17 @@ def test_parameter_and_state_bytes_follow_r_times_m_plus_n(tmp_path, shakespeare
     assert result["optimizer_state_bytes"] == 2 * 4 * n_params + 4 * n_tensors
 
 
-@pytest.mark.parametrize("refactor,reset", [(0, 0), (5, 0), (0, 5), (5, 5)])
-def test_every_ablation_trains(tmp_path, shakespeare, refactor, reset):
+@pytest.mark.parametrize("refactor,reset,recovery,scope", [(0, 0, 0, "all"), (4, 0, 0, "all"), (0, 4, 0, "all"),
+                                                           (4, 4, 2, "factors")])
+def test_every_ablation_trains(tmp_path, shakespeare, refactor, reset, recovery, scope):
     result, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", "20", "--lr", "1e-2",
-                           "--refactor-every", str(refactor), "--momentum-reset-every", str(reset))
+                           "--refactor-every", str(refactor), "--momentum-reset-every", str(reset),
+                           "--recovery-steps", str(recovery), "--reset-scope", scope)
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
-    assert (result["refactor_every"], result["momentum_reset_every"]) == (refactor, reset)
+    assert (result["refactor_every"], result["momentum_reset_every"], result["reset_scope"]) == (refactor, reset, scope)
+    assert result["run"] == ("lowrank_restarts" if refactor or reset else "lowrank")
 
 
-def test_resume_across_a_refactorization(tmp_path, shakespeare):
-    assert_resume_is_exact("train_lowrank_refactor.py", tmp_path, "--refactor-every", "3")
+def test_resume_inside_a_recovery_window_and_across_a_restart(tmp_path, shakespeare):
+    # restarts after steps 3 and 6; the checkpoint at 4 falls inside the first 2-step recovery
+    assert_resume_is_exact("train_lowrank_refactor.py", tmp_path, "--refactor-every", "3", "--recovery-steps", "2")

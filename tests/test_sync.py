@@ -1,15 +1,15 @@
 """Every train_*.py is train_full.py plus its method: outside the docstring and the METHOD regions,
-the text must be identical, so `diff train_full.py train_<method>.py` shows the method alone."""
-import glob
+the text must be identical, so `diff train_full.py train_<method>.py` shows the method alone. The restart
+(refactorization, optimizer reset, lr recovery) is one text in every script that restarts."""
 import os
 import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SCRIPTS
 
 REGION = re.compile(r"# --- METHOD: begin ---\n.*?# --- METHOD: end ---\n", re.S)
-SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "train_*.py")))
+RESTART = re.compile(r"# --- RESTART: begin ---\n.*?# --- RESTART: end ---\n", re.S)
 
 
 def skeleton(script):
@@ -19,7 +19,7 @@ def skeleton(script):
     return REGION.sub("# --- METHOD ---\n", body), len(REGION.findall(body))
 
 
-def test_there_are_four_methods():
+def test_the_methods():
     assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py"]
 
 
@@ -27,8 +27,17 @@ def test_there_are_four_methods():
 def test_skeleton_is_identical_to_train_full(script):
     reference, n_ref = skeleton("train_full.py")
     text, n = skeleton(script)
-    assert n == n_ref == 4  # args, the method, the per-step hook, extra results
+    assert n == n_ref == 4  # args, the method, the lr of the step, the per-step hook
     assert text == reference
+
+
+def test_restart_is_one_text():
+    regions = {s: RESTART.findall(open(os.path.join(ROOT, s)).read()) for s in SCRIPTS}
+    restarting = {s: r for s, r in regions.items() if r}
+    assert sorted(restarting) == ["train_lowrank_refactor.py"]
+    first = next(iter(restarting.values()))
+    assert len(first) == 3  # refactorize + reset + recovery; the lr of the step; the hook
+    assert all(r == first for r in restarting.values())
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

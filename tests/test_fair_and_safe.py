@@ -1,0 +1,164 @@
+"""Every method sees the same data and budget; no run writes a wrong number, loses a file or fails noisily."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST_MALLOC, NANO, ROOT, SCRIPTS, error_of, run, train
+
+
+def test_full_galore_and_fira_see_the_same_first_batch(tmp_path, shakespeare):
+    # same seed -> same initial weights and the same first batch, so the loss before any update is identical
+    losses = [train(script, tmp_path / script, "--max-steps", "1")[1][0]["loss"]
+              for script in ("train_full.py", "train_galore.py", "train_fira.py")]
+    assert losses[0] == losses[1] == losses[2]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ddp_processes_draw_different_batches(tmp_path, shakespeare, script):
+    # 2 processes x micro-batch 8 draw what 1 process accumulating 2 micro-batches of 8 draws: the same losses
+    # (up to the order of float sums); if both processes drew the same batch, the loss would differ
+    common = [*NANO, "--max-steps", "2", "--global-batch", "16", "--batch-size", "8"]
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+         *common, "--out-dir", str(tmp_path / "ddp")])
+    run([sys.executable, script, *common, "--out-dir", str(tmp_path / "one")])
+    ddp, one = ([json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("ddp", "one"))
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    ddp_result, one_result = (json.load(open(tmp_path / d / "result.json")) for d in ("ddp", "one"))
+    assert ddp_result["tokens"] == one_result["tokens"] == 2 * 16 * 64
+    assert (ddp_result["grad_accum"], one_result["grad_accum"]) == (1, 2)
+
+
+def test_resume_refuses_changed_method_settings(tmp_path, shakespeare):
+    train("train_galore.py", tmp_path, "--max-steps", "2", "--ckpt-every", "2")
+    for flag, value, message in [("--rank", "4", "rank 4, but"), ("--update-proj-gap", "7", "update_proj_gap 7, but"),
+                                 ("--precision", "bf16", "precision bf16, but")]:
+        _, _, proc = train("train_galore.py", tmp_path, "--max-steps", "4", "--resume", flag, value, check=False)
+        assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+        assert proc.stderr.startswith(f"error: --resume with {message} {tmp_path}/ckpt.pt was trained with")
+    # a failed resume leaves the log as it was
+    assert len(open(tmp_path / "log.jsonl").readlines()) == 2
+    _, _, proc = train("train_fira.py", tmp_path, "--max-steps", "4", "--resume", check=False)
+    assert proc.stderr.startswith("error: --resume with method fira, but")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_divergence_is_an_error_and_writes_nothing(tmp_path, shakespeare, precision):
+    _, _, proc = train("train_full.py", tmp_path, "--max-steps", "1", "--lr", "1e30", "--ckpt-every", "1",
+                       "--precision", precision, check=False)
+    assert "training diverged" in error_of(proc)
+    assert not (tmp_path / "result.json").exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_resumed_finished_run_writes_its_result(tmp_path, shakespeare):
+    first, _, _ = train("train_full.py", tmp_path, "--max-steps", "3", "--ckpt-every", "3")
+    os.remove(tmp_path / "result.json")
+    again, log, _ = train("train_full.py", tmp_path, "--max-steps", "3", "--resume")
+    assert again["val_loss"] == first["val_loss"] and again["tokens_per_s"] == first["tokens_per_s"]
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_a_run_never_replaces_another_runs_results(tmp_path, shakespeare):
+    train("train_full.py", tmp_path, "--max-steps", "1")
+    before = open(tmp_path / "result.json").read()
+    _, _, proc = train("train_full.py", tmp_path, "--max-steps", "2", check=False)
+    assert proc.returncode != 0 and proc.stderr == f"error: {tmp_path} holds an earlier run; --resume it or choose " \
+                                                   f"another --out-dir\n"
+    assert open(tmp_path / "result.json").read() == before
+
+
+def test_two_runs_in_one_out_dir(tmp_path, shakespeare):
+    cmd = [sys.executable, "train_full.py", *NANO, "--out-dir", str(tmp_path)]
+    first = subprocess.Popen(cmd + ["--max-steps", "60"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, **FAST_MALLOC})
+    for line in first.stdout:  # the first run holds the lock once its log exists
+        if line.startswith("step 1 |"):
+            break
+    second = run(cmd + ["--max-steps", "2"], check=False)
+    assert first.wait() == 0
+    assert second.stderr == f"error: another run is using {tmp_path} (choose another --out-dir)\n"
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 61))
+
+
+def bad_checkpoint(tmp_path, kind):
+    ckpt = tmp_path / "ckpt.pt"
+    if kind == "empty":
+        ckpt.write_bytes(b"")
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    else:  # truncated: the first half of a real checkpoint
+        train("train_full.py", tmp_path / "real", "--max-steps", "1", "--ckpt-every", "1")
+        data = (tmp_path / "real" / "ckpt.pt").read_bytes()
+        ckpt.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("kind", ["empty", "foreign", "truncated"])
+def test_a_bad_checkpoint_is_a_one_line_error(tmp_path, shakespeare, kind):
+    bad_checkpoint(tmp_path, kind)
+    _, _, proc = train("train_full.py", tmp_path, "--max-steps", "2", "--resume", check=False)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: {tmp_path}/ckpt.pt is not a checkpoint of this repository")
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+BAD_INPUT = [
+    ("train_galore.py", ["--rank", "0"], "error: argument --rank: must be >= 1, got 0"),
+    ("train_fira.py", ["--rank", "-3"], "error: argument --rank: must be >= 1, got -3"),
+    ("train_galore.py", ["--rank", "32"], "error: --rank 32 is too large for the"),
+    ("train_fira.py", ["--rank", "22"], "error: --rank 22 is too large for the"),
+    ("train_lowrank_refactor.py", ["--rank", "32"], "error: --rank 32 must be below d_model 32 to be low rank"),
+    ("train_full.py", ["--max-steps", "0"], "error: argument --max-steps: must be >= 1, got 0"),
+    ("train_full.py", ["--max-steps", "-1"], "error: argument --max-steps: must be >= 1, got -1"),
+    ("train_full.py", ["--max-steps", "1.5"], "error: argument --max-steps: expected int, got '1.5'"),
+    ("train_full.py", ["--batch-size", "0"], "error: argument --batch-size: must be >= 1, got 0"),
+    ("train_full.py", ["--global-batch", "0"], "error: argument --global-batch: must be >= 1, got 0"),
+    ("train_full.py", ["--batch-size", "3"], "error: --global-batch 8 is not a multiple of --batch-size 3"),
+    ("train_full.py", ["--lr", "0"], "error: argument --lr: must be > 0, got 0"),
+    ("train_full.py", ["--lr=-1e-3"], "error: argument --lr: must be > 0, got -1e-3"),
+    ("train_full.py", ["--lr", "nan"], "error: argument --lr: must be > 0, got nan"),
+    ("train_full.py", ["--lr", "inf"], "error: argument --lr: must be > 0, got inf"),
+    ("train_galore.py", ["--update-proj-gap", "0"], "error: argument --update-proj-gap: must be >= 1, got 0"),
+    ("train_lowrank_refactor.py", ["--refactor-every", "-1"], "error: argument --refactor-every: must be >= 0, got -1"),
+    ("train_full.py", ["--device", "tpu"], "error: --device 'tpu' is not cpu, cuda or cuda:N"),
+    ("train_full.py", ["--size", "huge"], "error: unknown --size 'huge'; valid sizes: nano, tiny, 60m, 130m, 350m, 1b, 7b"),
+    ("train_full.py", ["--max-steps", "5", "--budget", "0.5"], "error: give --max-steps or --budget, not both"),
+    ("train_full.py", ["--dataset", "c4"], "error: dataset 'c4' is not prepared; run: python data.py c4"),
+    ("train_full.py", ["--dataset", "text-x"], "error: dataset 'text-x' is not prepared; run: python data.py text:PATH, "
+                                               "with PATH your .txt file or folder named 'x'"),
+    ("train_full.py", ["--val-tokens", "10"], "error: --val-tokens 10 is fewer than one window of --seq-len 64 tokens"),
+    ("train_lowrank_refactor.py", ["--refactor-every", "3"], "error: --recovery-steps 10 must be below the reset period 3"),
+]
+
+
+@pytest.mark.parametrize("script,flags,message", BAD_INPUT, ids=[" ".join(c[1]) for c in BAD_INPUT])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, script, flags, message):
+    out = tmp_path / "out"
+    proc = run([sys.executable, script, *NANO, *flags, "--out-dir", str(out)], check=False,
+               env={"DATA_DIR": str(tmp_path / "data")} if "--dataset" in flags else None)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not out.exists()
+
+
+def test_an_unwritable_out_dir_is_one_line(tmp_path, shakespeare):
+    (tmp_path / "file").write_text("")
+    proc = run([sys.executable, "train_full.py", *NANO, "--max-steps", "1", "--out-dir", str(tmp_path / "file" / "o")],
+               check=False)
+    assert proc.returncode != 0 and proc.stderr == f"error: cannot write to --out-dir {tmp_path}/file/o: Not a directory\n"
+
+
+@pytest.mark.parametrize("words", [0, 20])
+def test_a_corpus_shorter_than_one_sequence_is_one_line(tmp_path, monkeypatch, words):
+    import data
+    data.get_tokenizer()  # cached before the data folder moves
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "short.txt").write_text("word " * words)
+    data.prepare(f"text:{tmp_path / 'short.txt'}")
+    proc = run([sys.executable, "train_full.py", *NANO, "--dataset", "text-short.txt", "--out-dir", str(tmp_path / "o")],
+               check=False, env={"DATA_DIR": str(tmp_path / "data")})
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: dataset 'text-short.txt' has ") and "fewer than one sequence" in proc.stderr
