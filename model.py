@@ -181,7 +181,7 @@ CPU_MICRO_BATCH = 8   # sequences per forward/backward on a CPU
 # GaLore / Fira / Glentis et al.: 512 sequences of 256 tokens per step, 10K / 20K / 60K / 100K / 150K steps.
 # nano and tiny are ours: 100 CPU steps of 8 sequences (205K tokens, a few minutes of tiny on 2 cores).
 RECIPES = {
-    "nano": Recipe(100, 8, 8, 32_768, 1),
+    "nano": Recipe(100, 8, 8, 4_096, 1),
     "tiny": Recipe(100, 8, 8, 32_768, 1),
     "60m": Recipe(10_000, 512, 128, 1_048_576, 10),
     "130m": Recipe(20_000, 512, 64, 1_048_576, 10),
