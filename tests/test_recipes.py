@@ -1,0 +1,51 @@
+"""A direct run does what the papers did: the size's recipe is every script's default, and it says what it will do."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST_MALLOC, ROOT, SCRIPTS, train
+
+# what each method does every few steps, as its log records it when it happens
+ACTIONS = {"train_galore.py": ["refreshes"], "train_fira.py": ["refreshes"],
+           "train_lowrank_refactor.py": ["refactorizations", "resets"],
+           "train_sltrain.py": ["refactorizations", "resets"], "train_relora.py": ["merges"]}
+
+
+@pytest.mark.parametrize("script", sorted(ACTIONS))
+def test_the_tiny_defaults_make_every_method_act_at_least_twice(tmp_path, shakespeare, script):
+    # the tiny recipe's steps and periods, with short sequences so that the 100 steps are cheap
+    _, log, _ = train(script, tmp_path, "--size", "tiny", "--seq-len", "16", "--val-tokens", "256", "--log-every", "50")
+    assert log[-1]["step"] == 100
+    for action in ACTIONS[script]:
+        counts = [r[action] for r in log if action in r]
+        assert len(counts) >= 2 and counts == list(range(1, len(counts) + 1)), (action, counts)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_recipe_of_the_size(script):
+    text = subprocess.run([sys.executable, script, "--size", "60m", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+    text = " ".join(text.split())  # argparse wraps the lines
+    assert "--global-batch GLOBAL_BATCH sequences per optimizer step, all processes together (default: 512)" in text
+    assert "the recipe's 10,000 for 60m" in text and "(default: 0.1)" in text  # min lr ratio
+    if script != "train_full.py":
+        assert "(default: 128)" in text  # the rank of 60m
+
+
+def test_a_cpu_run_above_tiny_estimates_its_time(tmp_path):
+    cmd = [sys.executable, "train_full.py", "--size", "350m", "--device", "cpu", "--global-batch", "2",
+           "--batch-size", "1", "--seq-len", "32", "--max-steps", "3", "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **FAST_MALLOC})
+    lines = []
+    for line in proc.stdout:  # the estimate comes after the first micro-batch; no need to train further
+        lines.append(line)
+        if line.startswith("time estimate"):
+            break
+    proc.kill()
+    proc.wait()
+    assert re.fullmatch(r"time estimate: [\d.]+ s for the first micro-batch, so about [\d,.]+ (h|min) on this CPU; "
+                        r"use a GPU, or --size tiny\n", lines[-1]), lines[-1]
