@@ -205,6 +205,8 @@ METHODS = {
              "scale": {"1b": 0.0625, "7b": 0.0625, "*": 0.25}},
     "lowrank": {"script": "train_lowrank_refactor.py", "lr": {"1b": 5e-3, "7b": 5e-3, "*": 3e-3}, "rank": RANKS,
                 "scale": ALPHA, "refactor_every": PERIOD, "recovery_steps": 10},
+    "sltrain": {"script": "train_sltrain.py", "lr": {"1b": 5e-3, "7b": 5e-3, "*": 3e-3}, "rank": RANKS,
+                "scale": ALPHA, "delta": 0.1, "restart_every": PERIOD, "recovery_steps": 10},
 }
 
 # The benchmark's rows: a script's method and what differs from its defaults.
@@ -214,6 +216,8 @@ BENCH_ROWS = {
     "fira": ("fira", {}),
     "lowrank": ("lowrank", {"lr": 1.5e-3, "refactor_every": 0, "momentum_reset_every": 0, "recovery_steps": 0}),
     "lowrank_restarts": ("lowrank", {}),
+    "sltrain": ("sltrain", {"restart_every": 0, "delta": 0.03}),
+    "sltrain_restarts": ("sltrain", {}),
 }
 
 

@@ -20,7 +20,8 @@ def skeleton(script):
 
 
 def test_the_methods():
-    assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py"]
+    assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py",
+                       "train_sltrain.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,7 +35,7 @@ def test_skeleton_is_identical_to_train_full(script):
 def test_restart_is_one_text():
     regions = {s: RESTART.findall(open(os.path.join(ROOT, s)).read()) for s in SCRIPTS}
     restarting = {s: r for s, r in regions.items() if r}
-    assert sorted(restarting) == ["train_lowrank_refactor.py"]
+    assert sorted(restarting) == ["train_lowrank_refactor.py", "train_sltrain.py"]
     first = next(iter(restarting.values()))
     assert len(first) == 3  # refactorize + reset + recovery; the lr of the step; the hook
     assert all(r == first for r in restarting.values())

@@ -1,0 +1,539 @@
+"""
+SLTrain with restarts: sparse plus low-rank weights; refactorization, momentum reset and lr quick recovery.
+
+    python train_sltrain.py                                    # tiny on CPU: delta 0.1, a restart every 25 steps
+    python train_sltrain.py --restart-every 0 --delta 0.03     # plain SLTrain, at the SLTrain paper's density
+    python train_sltrain.py --size 1b --dataset c4             # one GPU, the authors' 1b run (r 512, alpha 16)
+    torchrun --nproc_per_node=4 train_sltrain.py --size 350m --dataset c4
+
+The method (Han et al. 2024, "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
+pretraining", with the restarts of Glentis et al. 2025): every attention/MLP matrix is
+    W = B (A alpha / r) + S                          B (m x r) = 0 and A (r x n) Kaiming-uniform at init
+S is sparse on a fixed random support: int(delta m n) positions of W, drawn once from the seed and the layer's
+index and kept as an int32 buffer (in every checkpoint, never re-drawn); only its values train (U(+-1/sqrt(n))
+at init, so W starts as S). A layer forms W in its forward and again in its backward and frees it each time:
+the autograd graph keeps x, B, A, the values and the indices, never an m x n matrix. Every K steps, a restart,
+the same text as train_lowrank_refactor.py's:
+    B A <- balanced factors of the same product       thin QRs and an r x r SVD; S is left alone
+    M, V, t <- 0 for every parameter                   a brand-new AdamW: factors, values, embedding, head, norms
+    lr_{K+j} = lr(K+j) (0.001 + 0.999 j / R)           quick recovery for j = 0 .. R-1 (R = 10 steps)
+Weights r(m+n) + delta m n instead of mn per matrix, and so are the gradients and each Adam moment; plus
+4 bytes per index. Compute: each layer multiplies by the dense W, plus two B A products to form it.
+"""
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import evaluate, get_batch, load_tokens, val_windows
+from model import (RECIPES, SEQ_LEN, Llama, compressible_matrices, estimate_bytes, flops_per_token, get_config,
+                   memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops, tensor_bytes)
+
+# -----------------------------------------------------------------------------
+# config: the defaults are the size's recipe; every flag overrides them
+
+
+def bounded(cast, low, high=math.inf, open_low=False):
+    """An argparse type: a finite number in [low, high] (or (low, high]), else a one-line error."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            bound = f"> {low}" if open_low else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
+                                             + f", got {text}")
+        return value
+    return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every default (a computed one says how in its help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
+POSITIVE = bounded(float, 0, open_low=True)
+pre = argparse.ArgumentParser(add_help=False)
+pre.add_argument("--size", default="tiny")
+size = pre.parse_known_args()[0].size  # the defaults below depend on the size
+cfg, recipe = get_config(size), RECIPES[size]
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
+# data
+parser.add_argument("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
+parser.add_argument("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
+parser.add_argument("--val-tokens", type=COUNT, default=recipe.val_tokens, help="size of the fixed validation set")
+# model
+parser.add_argument("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
+# optimization
+parser.add_argument("--max-steps", type=COUNT, default=None,
+                    help=f"optimizer steps (default: the recipe's {recipe.steps:,} for {size}, times --budget)")
+parser.add_argument("--budget", type=POSITIVE, default=1.0, help="scale the recipe's steps (0.1: a tenth of the run)")
+parser.add_argument("--global-batch", type=COUNT, default=recipe.batch,
+                    help="sequences per optimizer step, all processes together")
+parser.add_argument("--batch-size", type=COUNT, default=None,
+                    help="sequences per forward/backward per process (default: what fits this GPU, 8 on a CPU); "
+                         "gradient accumulation makes up the global batch")
+parser.add_argument("--warmup-steps", type=OFF_OR_COUNT, default=None,
+                    help="linear warmup (default: 10%% of the steps)")
+parser.add_argument("--min-lr-ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays to this x --lr")
+parser.add_argument("--weight-decay", type=bounded(float, 0), default=0.0, help="decoupled weight decay")
+parser.add_argument("--grad-clip", type=bounded(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+# eval, logging, checkpoints
+parser.add_argument("--eval-every", type=COUNT, default=None,
+                    help=f"evaluate every N steps and at the end (default: {recipe.evals} evaluations per run)")
+parser.add_argument("--log-every", type=COUNT, default=10, help="print and log the loss every N steps")
+parser.add_argument("--ckpt-every", type=OFF_OR_COUNT, default=0, help="checkpoint every N steps and at the end")
+parser.add_argument("--out-dir", default=None, help="where results go (default: out/<run>_<size>_<dataset>)")
+parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+parser.add_argument("--dry-run", action="store_true", help="print the plan of the run and exit (nothing is written)")
+# system
+parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "mixed", "fp32"],
+                    help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
+                         "weights under bf16 autocast; fp32 (auto on CPU)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--seed", type=OFF_OR_COUNT, default=0, help="seed of the initialisation and of the batches")
+# --- METHOD: begin ---
+METHOD = "sltrain"
+parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+parser.add_argument("--rank", type=COUNT, help="r, inner dimension of the low-rank part B A")
+parser.add_argument("--scale", type=POSITIVE, help="alpha: the low-rank part is B A alpha / r")
+parser.add_argument("--delta", type=bounded(float, 0, 1, open_low=True),
+                    help="density of S, the fraction of W's entries it trains: 0.1 is the authors' restart runs, "
+                         "0.03 the SLTrain paper's own setting")
+parser.add_argument("--restart-every", type=OFF_OR_COUNT,
+                    help="K: every K steps refactorize every B A and give every parameter a fresh AdamW state "
+                         "(0: plain SLTrain)")
+parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
+                    help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
+
+
+def run_name(args):
+    return "sltrain_restarts" if args.restart_every else "sltrain"
+# --- METHOD: end ---
+parser.set_defaults(**method_defaults(METHOD, size))
+args = parser.parse_args()
+
+if args.max_steps is not None and args.budget != 1.0:
+    sys.exit("error: give --max-steps or --budget, not both")
+
+# -----------------------------------------------------------------------------
+# setup: processes, device, precision, batch, output folder
+
+if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+    sys.exit(f"error: --device {args.device!r} is not cpu, cuda or cuda:N")
+ddp = "RANK" in os.environ  # launched by torchrun
+if ddp:
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    ddp_rank, ddp_world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
+else:
+    ddp_rank, ddp_world = 0, 1
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+master = ddp_rank == 0  # only rank 0 prints and writes files
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
+    torch.cuda.set_device(device)
+precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # pure bf16: the papers' runs
+autocast = torch.autocast(device_type, torch.bfloat16) if precision == "mixed" else contextlib.nullcontext()
+# the global batch is fixed by the recipe; each process runs micro-batches of B and accumulates the rest
+T, global_batch = args.seq_len, args.global_batch
+gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device_type == "cuda" else 0
+B = args.batch_size or micro_batch(args.size, global_batch, ddp_world, gpu_bytes)
+if global_batch % (B * ddp_world):
+    sys.exit(f"error: --global-batch {global_batch} is not a multiple of --batch-size {B} x {ddp_world} processes")
+accum = global_batch // (B * ddp_world)
+tokens_per_step = global_batch * T
+max_steps = args.max_steps or max(1, round(recipe.steps * args.budget))
+warmup_steps = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+eval_every = args.eval_every or max(1, max_steps // recipe.evals)
+run = run_name(args)
+out_dir = args.out_dir or os.path.join("out", f"{run}_{args.size}_{args.dataset.replace(':', '-')}")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if args.resume and not os.path.exists(ckpt_path):
+    sys.exit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
+if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("result.json", "ckpt.pt")):
+    sys.exit(f"error: {out_dir} holds an earlier run; --resume it or choose another --out-dir")
+
+# -----------------------------------------------------------------------------
+# data: random training windows, and the fixed validation set shared by every method
+
+if master:  # rank 0 prepares the default corpus if needed, the others wait for it
+    tokens = load_tokens(args.dataset, T)
+if ddp:
+    dist.barrier()
+if not master:
+    tokens = load_tokens(args.dataset, T)
+val = val_windows(tokens["val"], T, args.val_tokens)
+
+# -----------------------------------------------------------------------------
+# model: the same initial weights for every method (same seed)
+
+torch.manual_seed(args.seed)
+if args.dry_run:  # the plan needs shapes, not weights
+    device = "meta"
+with torch.device("meta") if args.dry_run else contextlib.nullcontext():
+    model = Llama(cfg)
+model = model.to(device, param_dtype)
+
+# -----------------------------------------------------------------------------
+# --- METHOD: begin ---
+# the method: sparse plus low-rank weights W = B A alpha / r + S (Han et al. 2024), with restarts (Glentis et al.)
+import numpy as np  # noqa: E402  (the support draw; the skeleton's imports are every script's)
+
+
+def index_dtype(numel):
+    """The smallest integer dtype for flat indices into numel entries (index_add_ and index_select take both)."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def draw_support(m, n, nnz, seed, layer):
+    """nnz distinct flat positions of an m x n matrix, sorted (scatter and gather then walk W in order). Drawn on
+    the CPU from (seed, layer) alone, so every device and every process gets the same support. NumPy's choice
+    without replacement is a partial Fisher-Yates shuffle (Floyd's algorithm below 5% density): 2-3x faster than
+    torch.randperm(m n) at delta 0.1, 15x at 0.03 (1b's MLP shape)."""
+    rng = np.random.default_rng([seed, layer])
+    support = np.sort(rng.choice(m * n, nnz, replace=False, shuffle=False))
+    return torch.from_numpy(support).to(index_dtype(m * n))
+
+
+def dense(B, A, values, indices, scale):
+    """W = scale B A + S, a fresh m x n tensor (S: values scattered to their flat indices). Differentiable."""
+    W = torch.mm(B, A).mul_(scale)                   # (m, r) @ (r, n) -> (m, n)
+    W.view(-1).index_add_(0, indices, values)        # the indices are distinct: S lands on top of B A
+    return W
+
+
+class SparseLowRankFunction(torch.autograd.Function):
+    """y = x W^T for W = scale B A + S. Saves x, B, A, the values and the indices, and forms W again in backward
+    (one more (m x r)(r x n) product) instead of keeping an m x n W per layer until backward."""
+
+    @staticmethod
+    def forward(ctx, x, B, A, values, indices, scale):
+        ctx.save_for_backward(x, B, A, values, indices)
+        ctx.scale = scale
+        return torch.nn.functional.linear(x, dense(B, A, values, indices, scale))  # W is freed on return
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, B, A, values, indices = ctx.saved_tensors
+        s, m, n = ctx.scale, B.shape[0], A.shape[1]
+        grad_x = grad_B = grad_A = grad_values = None
+        if ctx.needs_input_grad[0]:  # W is formed and freed before grad_W exists: one m x n at a time
+            grad_x = grad_y @ dense(B, A, values, indices, s)           # (.., m) @ (m, n) -> (.., n)
+        if any(ctx.needs_input_grad[1:4]):
+            # the values need the dense gradient at their support, so grad_W is formed anyway; the factors'
+            # gradients through it cost 2mnr flops, less than through x and grad_y once a batch has more than
+            # mn / (m + n) tokens, and make no (tokens x r) temporaries
+            grad_W = grad_y.reshape(-1, m).T @ x.reshape(-1, n)          # (m, N) @ (N, n) -> (m, n)
+            if ctx.needs_input_grad[1]:
+                grad_B = (grad_W @ A.T).mul_(s)                          # (m, n) @ (n, r) -> (m, r)
+            if ctx.needs_input_grad[2]:
+                grad_A = (B.T @ grad_W).mul_(s)                          # (r, m) @ (m, n) -> (r, n)
+            if ctx.needs_input_grad[3]:
+                grad_values = grad_W.view(-1).index_select(0, indices)  # the dense gradient at the support
+        return grad_x, grad_B, grad_A, grad_values, None, None
+
+
+class SparseLowRankLinear(torch.nn.Module):
+    """nn.Linear(n, m) as W = B (A alpha / r) + S: r(m + n) + nnz parameters and nnz indices instead of mn.
+    B = 0, so W starts as S; A Kaiming-uniform; the values U(+-1/sqrt(n)), nn.Linear's init, on the support."""
+
+    def __init__(self, m, n, r, alpha, support):
+        super().__init__()
+        self.scale = alpha / r
+        self.register_buffer("indices", support)  # persistent: saved and restored with the weights
+        self.B = torch.nn.Parameter(torch.zeros(m, r))
+        self.A = torch.nn.Parameter(torch.empty(r, n))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's default init
+        self.values = torch.nn.Parameter(torch.empty(support.numel()).uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n)))
+
+    def forward(self, x):
+        B, A, values = self.B, self.A, self.values
+        if torch.is_autocast_enabled(x.device.type):  # cast here, so that every tensor in the Function is bf16
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, B, A, values = (t.to(dtype) for t in (x, B, A, values))
+        return SparseLowRankFunction.apply(x, B, A, values, self.indices, self.scale)
+
+
+# --- RESTART: begin ---
+@torch.no_grad()
+def refactorize(B, A):
+    """Replace B, A by the balanced factors of the same product, B' = U S^1/2, A' = S^1/2 V^T for
+    B A = U S V^T, so that B'^T B' = A' A'^T = S. Only m x r, n x r and r x r matrices are formed."""
+    Qb, Rb = torch.linalg.qr(B.float())      # (m, r), (r, r)
+    Qa, Ra = torch.linalg.qr(A.float().T)    # (n, r), (r, r)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)   # B A = Qb (Rb Ra^T) Qa^T = (Qb U) S (Qa Vh^T)^T
+    root = S.sqrt()
+    B.copy_((Qb @ U) * root)                 # (m, r) @ (r, r), columns scaled by S^1/2
+    A.copy_(root[:, None] * (Vh @ Qa.T))     # (r, r) @ (r, n), rows scaled by S^1/2
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer, params, moments):
+    """AdamW's state of params as a brand-new optimizer's: both moments and the step counter zeroed (the bias
+    correction restarts with them), or with moments="first" the first moment only."""
+    for p in params:
+        state = optimizer.state[p]
+        if state:  # no state before the first step
+            state["exp_avg"].zero_()
+            if moments == "both":
+                state["exp_avg_sq"].zero_()
+                state["step"].zero_()
+
+
+def recovery_factor(step, every, steps):
+    """The lr's quick recovery: resets follow steps every, 2 every, ... (counted from 1); the first step after
+    one gets 0.001 of the schedule's lr, and the factor climbs linearly back to 1 over `steps` steps."""
+    since = step % every if every and step >= every else steps
+    return 0.001 + 0.999 * since / steps if since < steps else 1.0
+# --- RESTART: end ---
+
+
+r, alpha, delta = args.rank, args.scale, args.delta
+if r >= min(cfg.n_embd, cfg.n_ff):
+    sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
+if delta >= 1:
+    sys.exit(f"error: --delta {delta} must be below 1 to be sparse")
+if int(delta * cfg.n_embd**2) < 1:
+    sys.exit(f"error: --delta {delta} leaves S empty in the {cfg.n_embd} x {cfg.n_embd} matrices")
+# the restart (below) as the authors ran it: refactorization and a brand-new AdamW together, every K steps
+refactor_every = reset_every = args.restart_every
+recovery_steps, reset_moments = args.recovery_steps, "both"
+if reset_every and recovery_steps >= reset_every:
+    sys.exit(f"error: --recovery-steps {recovery_steps} must be below the reset period {reset_every}")
+factorized = []
+for i, (name, linear) in enumerate(compressible_matrices(model)):
+    parent, child = name.rsplit(".", 1)
+    m, n = linear.weight.shape
+    nnz = int(delta * m * n)
+    # drawn on the CPU, then moved with the layer; a dry run needs only the support's shape
+    support = torch.empty(nnz, dtype=index_dtype(m * n)) if args.dry_run else draw_support(m, n, nnz, args.seed, i)
+    factorized.append(SparseLowRankLinear(m, n, r, alpha, support))
+    setattr(model.get_submodule(parent), child, factorized[-1].to(device, param_dtype))  # indices stay integers
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+reset_params = list(model.parameters())  # factors, sparse values, embedding, head and norms
+hparams = {"lr": args.lr, "rank": r, "scale": alpha, "delta": delta, "restart_every": args.restart_every,
+           "recovery_steps": recovery_steps}
+# --- METHOD: end ---
+
+raw_model = model  # the module itself, for state_dict and memory accounting
+n_flops = flops_per_token(raw_model, T)
+if args.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+counts = param_counts(raw_model)
+if master:
+    estimate = estimate_bytes(args.size, METHOD, precision, hparams)
+    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head) "
+          f"| {ddp_world} x {device_type} | {precision}")
+    print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {global_batch} x {T} = "
+          f"{tokens_per_step:,} tokens/step ({B} per micro-batch x {accum} accumulated x {ddp_world} processes) | "
+          f"{max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
+          f"eval every {eval_every} on {val[0].numel():,} tokens")
+    print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
+    print(f"memory ({precision}, estimated from shapes): "
+          + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
+                       for k, v in estimate.items() if v) + "; activations not counted")
+    print(f"results -> {out_dir}/result.json and log.jsonl" + (" (dry run: nothing written)" if args.dry_run else ""))
+if args.dry_run:
+    sys.exit(0)
+
+
+def get_lr(step):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def all_finite(tensors):
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+# a resume must continue the same run: these settings have to match the checkpoint's
+config = {"method": METHOD, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": T,
+          "global_batch": global_batch, "precision": precision, "weight_decay": args.weight_decay,
+          "grad_clip": args.grad_clip, **hparams}
+start_step, stats = 0, {"train_time": 0.0, "timed_tokens": 0, "grads_bytes": 0}
+if args.resume:  # plain tensors and numbers only, so weights_only=True loads it safely
+    try:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:
+        sys.exit(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
+    for key in {**saved, **config}:
+        if saved.get(key) != config.get(key):
+            sys.exit(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
+                     f"{key} {saved.get(key)}; resume with the same settings or use another --out-dir")
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    start_step, stats = ckpt["step"], ckpt["stats"]
+    if start_step > max_steps:
+        sys.exit(f"error: {ckpt_path} is at step {start_step}, beyond --max-steps {max_steps}")
+
+# -----------------------------------------------------------------------------
+# training loop
+
+if master:
+    try:  # held until this process exits: a second run in the same folder stops here
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is using {out_dir} (choose another --out-dir)")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    # a resumed run keeps the log up to its checkpoint, rewritten atomically before anything else
+    log_path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        for line in open(log_path):
+            with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a")
+estimate_time = device_type == "cpu" and args.size not in ("nano", "tiny")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
+           disable=not master)
+last_log_time, last_log_tokens, record = 0.0, 0, {}
+for step in bar:
+    t0 = time.time()
+    lr = get_lr(step)
+    # --- METHOD: begin ---
+    # --- RESTART: begin ---
+    lr *= recovery_factor(step, reset_every, recovery_steps)  # quick recovery after each momentum reset
+    # --- RESTART: end ---
+    # --- METHOD: end ---
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # ---------------- TRAINING SECTION BEGIN ----------------
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum):
+        # batch offsets depend only on (seed, step, micro_step, process): the same for every method and on resume,
+        # and N processes draw what one process with N times the accumulation would
+        seed = args.seed * 10**9 + (step * accum + micro_step) * ddp_world + ddp_rank
+        x, y = get_batch(tokens["train"], B, T, seed)
+        x, y = x.to(device), y.to(device)
+        # under DDP, all-reduce the gradients only on the last micro-batch
+        sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+        if estimate_time and step == start_step and micro_step == 0 and master:
+            hours = (time.time() - t0) * accum * (max_steps - start_step) / 3600
+            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about {hours:,.1f} h "
+                      f"on this CPU; use a GPU, or --size tiny")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
+    if step == max_steps - 1:  # the gradients alive at the optimizer step, counted once
+        stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    # --- METHOD: begin ---
+    # --- RESTART: begin ---
+    if refactor_every and (step + 1) % refactor_every == 0:
+        for layer in factorized:
+            refactorize(layer.B, layer.A)
+        stats["refactorizations"] = stats.get("refactorizations", 0) + 1
+    if reset_every and (step + 1) % reset_every == 0:
+        reset_optimizer_state(optimizer, reset_params, reset_moments)
+        stats["resets"] = stats.get("resets", 0) + 1
+    method_log = {k: stats[k] for k in ("refactorizations", "resets") if k in stats}
+    # --- RESTART: end ---
+    # --- METHOD: end ---
+    # ---------------- TRAINING SECTION END ----------------
+    # everything below is diagnostics
+    if ddp:  # the loss of every process, not just rank 0's
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (accum * ddp_world)
+    if not math.isfinite(train_loss):
+        sys.exit(f"error: the training loss is {train_loss} at step {step + 1}: training diverged (try a lower --lr)")
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    if step == start_step and device_type == "cuda":  # measure the peak after a warm-up step
+        torch.cuda.reset_peak_memory_stats(device)
+    if step > start_step:  # the first step pays for allocation and compilation
+        stats["train_time"] += dt
+        stats["timed_tokens"] += tokens_per_step
+    last = step == max_steps - 1
+    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr, **method_log}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm.item()
+    if stats["train_time"] > last_log_time:  # training tokens per second since the last log line
+        record["tok_per_s"] = (stats["timed_tokens"] - last_log_tokens) / (stats["train_time"] - last_log_time)
+    if (step + 1) % eval_every == 0 or last:
+        record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+        if not math.isfinite(record["val_ppl"]):
+            sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
+    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record):
+        last_log_time, last_log_tokens = stats["train_time"], stats["timed_tokens"]
+        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    bar.set_postfix(loss=f"{train_loss:.3f}")
+    if master and args.ckpt_every > 0 and ((step + 1) % args.ckpt_every == 0 or last):
+        if not all_finite(raw_model.parameters()):
+            sys.exit(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                "config": config, "stats": stats}
+        torch.save(ckpt, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
+
+# -----------------------------------------------------------------------------
+# results
+
+if "val_loss" not in record:  # a resume of a finished run: evaluate its final weights
+    record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+if master:
+    if not (all_finite(raw_model.parameters()) and math.isfinite(record["val_ppl"])):
+        sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
+    memory = {**memory_report(raw_model, optimizer), "grads_bytes": stats["grads_bytes"]}
+    if device_type == "cuda":
+        memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None
+    # model FLOPs utilization against the dense bf16 peak: for bf16 math on a GPU of the table only
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
+    result = {"method": METHOD, "run": run, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+              "steps": max_steps, "tokens": max_steps * tokens_per_step, "val_loss": record["val_loss"],
+              "val_ppl": record["val_ppl"], **memory, "params": counts, "tokens_per_s": tokens_per_s,
+              "flops_per_token": n_flops, "mfu": mfu,
+              "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+              "world_size": ddp_world, "precision": precision, "micro_batch": B, "grad_accum": accum,
+              "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
+    with open(os.path.join(out_dir, "result.json.tmp"), "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(os.path.join(out_dir, "result.json.tmp"), os.path.join(out_dir, "result.json"))
+    print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
+          + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
+          + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
+if ddp:
+    dist.destroy_process_group()
