@@ -216,7 +216,7 @@ BENCH_ROWS = {
     "fira": ("fira", {}),
     "lowrank": ("lowrank", {"lr": 1.5e-3, "refactor_every": 0, "momentum_reset_every": 0, "recovery_steps": 0}),
     "lowrank_restarts": ("lowrank", {}),
-    "sltrain": ("sltrain", {"restart_every": 0, "delta": 0.03}),
+    "sltrain": ("sltrain", {"restart_every": 0, "recovery_steps": 0, "delta": 0.03}),
     "sltrain_restarts": ("sltrain", {}),
 }
 

@@ -62,7 +62,7 @@ def load_runs(out):
                        buffers_mib=r["buffers_bytes"] / 2**20, tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
                        peak_gpu_mib=r["max_memory_allocated_bytes"] / 2**20 if "max_memory_allocated_bytes" in r
                        else None)
-            est = estimate_bytes(size, BENCH_ROWS[method][0] if method in BENCH_ROWS else method, "bf16", r)
+            est = estimate_bytes(size, r["method"], "bf16", r)
             row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20
         elif os.path.exists(failed):
             row["status"] = "failed: " + json.load(open(failed))["reason"]

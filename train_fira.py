@@ -343,7 +343,9 @@ n_flops = flops_per_token(raw_model, T)
 if args.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+    # buffers are never changed by training (SLTrain's sparse support is drawn alike on every process):
+    # no broadcast of them at every step
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 counts = param_counts(raw_model)
 if master:
     estimate = estimate_bytes(args.size, METHOD, precision, hparams)
@@ -429,7 +431,7 @@ for step in bar:
     # --- METHOD: begin ---
     # Fira follows the schedule as it is
 
-# --- METHOD: end ---
+    # --- METHOD: end ---
     for group in optimizer.param_groups:
         group["lr"] = lr
     # ---------------- TRAINING SECTION BEGIN ----------------
@@ -466,7 +468,7 @@ for step in bar:
         method_log["proj_svds"] = sum(exact for _, exact in optimizer.refreshes)
         optimizer.refreshes.clear()
     # --- PROJECTOR: end ---
-# --- METHOD: end ---
+    # --- METHOD: end ---
     # ---------------- TRAINING SECTION END ----------------
     # everything below is diagnostics
     if ddp:  # the loss of every process, not just rank 0's

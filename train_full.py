@@ -194,7 +194,9 @@ n_flops = flops_per_token(raw_model, T)
 if args.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+    # buffers are never changed by training (SLTrain's sparse support is drawn alike on every process):
+    # no broadcast of them at every step
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 counts = param_counts(raw_model)
 if master:
     estimate = estimate_bytes(args.size, METHOD, precision, hparams)

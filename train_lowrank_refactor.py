@@ -282,7 +282,9 @@ n_flops = flops_per_token(raw_model, T)
 if args.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+    # buffers are never changed by training (SLTrain's sparse support is drawn alike on every process):
+    # no broadcast of them at every step
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 counts = param_counts(raw_model)
 if master:
     estimate = estimate_bytes(args.size, METHOD, precision, hparams)
@@ -369,7 +371,7 @@ for step in bar:
     # --- RESTART: begin ---
     lr *= recovery_factor(step, reset_every, recovery_steps)  # quick recovery after each momentum reset
     # --- RESTART: end ---
-# --- METHOD: end ---
+    # --- METHOD: end ---
     for group in optimizer.param_groups:
         group["lr"] = lr
     # ---------------- TRAINING SECTION BEGIN ----------------
@@ -408,7 +410,7 @@ for step in bar:
         reset_optimizer_state(optimizer, reset_params, reset_moments)
         method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
     # --- RESTART: end ---
-# --- METHOD: end ---
+    # --- METHOD: end ---
     # ---------------- TRAINING SECTION END ----------------
     # everything below is diagnostics
     if ddp:  # the loss of every process, not just rank 0's

@@ -342,7 +342,9 @@ n_flops = flops_per_token(raw_model, T)
 if args.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+    # buffers are never changed by training (SLTrain's sparse support is drawn alike on every process):
+    # no broadcast of them at every step
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 counts = param_counts(raw_model)
 if master:
     estimate = estimate_bytes(args.size, METHOD, precision, hparams)
@@ -448,9 +450,10 @@ for step in bar:
             (loss / accum).backward()
         loss_sum += loss.detach()
         if estimate_time and step == start_step and micro_step == 0 and master:
-            hours = (time.time() - t0) * accum * (max_steps - start_step) / 3600
-            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about {hours:,.1f} h "
-                      f"on this CPU; use a GPU, or --size tiny")
+            total = (time.time() - t0) * accum * (max_steps - start_step)
+            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about "
+                      + (f"{total / 3600:,.1f} h" if total > 3600 else f"{total / 60:,.1f} min")
+                      + " on this CPU; use a GPU, or --size tiny")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
     if step == max_steps - 1:  # the gradients alive at the optimizer step, counted once
         stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
@@ -458,14 +461,14 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     # --- METHOD: begin ---
     # --- RESTART: begin ---
+    method_log = {}  # the restart's pieces when they happen, counted over the run
     if refactor_every and (step + 1) % refactor_every == 0:
         for layer in factorized:
             refactorize(layer.B, layer.A)
-        stats["refactorizations"] = stats.get("refactorizations", 0) + 1
+        method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
     if reset_every and (step + 1) % reset_every == 0:
         reset_optimizer_state(optimizer, reset_params, reset_moments)
-        stats["resets"] = stats.get("resets", 0) + 1
-    method_log = {k: stats[k] for k in ("refactorizations", "resets") if k in stats}
+        method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
     # --- RESTART: end ---
     # --- METHOD: end ---
     # ---------------- TRAINING SECTION END ----------------
@@ -493,7 +496,7 @@ for step in bar:
         record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
         if not math.isfinite(record["val_ppl"]):
             sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
-    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record):
+    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record or method_log):
         last_log_time, last_log_tokens = stats["train_time"], stats["timed_tokens"]
         bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
         log.write(json.dumps(record) + "\n")

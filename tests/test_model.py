@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import model
-from model import RANKS, SIZES, Llama, compressible_matrices, estimate_bf16_bytes, param_counts
+from model import RANKS, SIZES, Llama, compressible_matrices, estimate_bytes, param_counts
 
 
 def expected_params(cfg):
@@ -68,16 +68,41 @@ def test_memory_estimate_of_60m_by_hand():
     # 60m: d 512, ff 1376, 8 layers, r 128; 51,520,000 parameters outside the 7 matrices per layer
     # (embedding + head 2 x 50304 x 512, norms 17 x 512) and 8 x 3,162,112 inside them.
     n_total, n_other = 76_816_896, 51_520_000
-    assert estimate_bf16_bytes("60m", "full") == {"weights_bytes": 2 * n_total, "grads_bytes": 2 * n_total,
-                                                  "optimizer_state_bytes": 4 * n_total}
+    assert estimate_bytes("60m", "full") == {"weights_bytes": 2 * n_total, "grads_bytes": 2 * n_total,
+                                             "optimizer_state_bytes": 4 * n_total, "buffers_bytes": 0}
     # GaLore: per layer q,k,v,o: 2*512*128 moments + 512*128 projector; gate, up, down: 2*1376*128 + 512*128
     galore_states = 2 * n_other + 8 * (4 * (2 * 512 * 128 + 512 * 128) + 3 * (2 * 1376 * 128 + 512 * 128))
-    assert estimate_bf16_bytes("60m", "galore") == {"weights_bytes": 2 * n_total, "grads_bytes": 2 * n_total,
-                                                    "optimizer_state_bytes": 2 * galore_states}
-    assert estimate_bf16_bytes("60m", "fira")["optimizer_state_bytes"] == 2 * (galore_states + 8 * 7)
+    assert estimate_bytes("60m", "galore") == {"weights_bytes": 2 * n_total, "grads_bytes": 2 * n_total,
+                                               "optimizer_state_bytes": 2 * galore_states, "buffers_bytes": 0}
+    assert estimate_bytes("60m", "fira")["optimizer_state_bytes"] == 2 * (galore_states + 8 * 7)
     # low-rank: r (m + n) per matrix for the weights and for each of the two moments
     lowrank = n_other + 8 * (4 * 128 * (512 + 512) + 3 * 128 * (512 + 1376))
-    assert estimate_bf16_bytes("60m", "lowrank") == {"weights_bytes": 2 * lowrank, "grads_bytes": 2 * lowrank,
-                                                     "optimizer_state_bytes": 4 * lowrank}
-    galore = estimate_bf16_bytes("60m", "galore")
+    assert estimate_bytes("60m", "lowrank") == {"weights_bytes": 2 * lowrank, "grads_bytes": 2 * lowrank,
+                                                "optimizer_state_bytes": 4 * lowrank, "buffers_bytes": 0}
+    galore = estimate_bytes("60m", "galore")
     assert galore["weights_bytes"] + galore["optimizer_state_bytes"] == 392_350_720
+
+
+def test_memory_estimate_scales_with_precision_and_the_runs_rank():
+    bf16, fp32 = estimate_bytes("60m", "lowrank", "bf16"), estimate_bytes("60m", "lowrank", "mixed")
+    assert all(fp32[k] == 2 * bf16[k] for k in bf16)
+    # a run's own rank (from its result.json or banner) replaces the size's default
+    assert estimate_bytes("60m", "lowrank", "bf16", {"rank": 64})["weights_bytes"] < bf16["weights_bytes"]
+
+
+def test_flops_per_token_counts_trained_frozen_and_attention():
+    torch.manual_seed(0)
+    m = Llama(SIZES["nano"])
+    cfg, T = SIZES["nano"], 64
+    trained = sum(p.numel() for p in m.parameters()) - m.embed.weight.numel()
+    assert model.flops_per_token(m, T) == 6 * trained + 12 * cfg.n_layer * cfg.n_embd * T
+    m.head.weight.requires_grad_(False)  # a frozen weight costs its forward and input gradient only
+    assert model.flops_per_token(m, T) == 6 * trained - 2 * m.head.weight.numel() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def test_peak_flops_table():
+    assert model.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert model.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert model.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert model.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert model.peak_bf16_flops("NVIDIA GeForce GTX 1080") is None
