@@ -205,6 +205,18 @@ METHODS = {
              "scale": {"1b": 0.0625, "7b": 0.0625, "*": 0.25}},
     "lowrank": {"script": "train_lowrank_refactor.py", "lr": {"1b": 5e-3, "7b": 5e-3, "*": 3e-3}, "rank": RANKS,
                 "scale": ALPHA, "refactor_every": PERIOD, "recovery_steps": 10},
+    # LoRA / ReLoRA. lr, rank, alpha: Glentis et al.'s LoRA row at 60m (lr 0.0015, r 128, alpha 32), the ranks and
+    # alphas of the other low-rank rows elsewhere (lr 0.0015 above 60m is ours). ReLoRA (Lialin et al., ICLR 2024,
+    # and its repo guitaricet/relora): restart warmup 50-100 steps (paper, Fig. 2), 100 in every repo script; 99% of
+    # the factors' Adam state pruned by magnitude at each merge (paper, sec. 3; the repo's 1B config uses 0.9); the
+    # README's 250M run: 5K full-rank warm-start steps, then merges every 5K steps, of 20K; its 1B config: merges
+    # every 5,320 steps after a 10K-step warm start, r 128; scripts/60M_relora.sh: merges every 1K steps of 10K.
+    # Ours: the warm start is 25% of the recipe's steps at every size (the README's 5K of 20K); merges every 1K
+    # steps at 60m (the 60M script), 5K from 130m (README, 1B config); nano/tiny: 25 + merges every 25, re-warm 5.
+    "relora": {"script": "train_relora.py", "lr": 1.5e-3, "rank": RANKS, "scale": ALPHA,
+               "relora_every": {"nano": 25, "tiny": 25, "60m": 1000, "*": 5000},
+               "warm_start_steps": {size: recipe.steps // 4 for size, recipe in RECIPES.items()},
+               "restart_warmup": {"nano": 5, "tiny": 5, "*": 100}, "prune_ratio": 0.99},
 }
 
 # The benchmark's rows: a script's method and what differs from its defaults.
@@ -214,6 +226,8 @@ BENCH_ROWS = {
     "fira": ("fira", {}),
     "lowrank": ("lowrank", {"lr": 1.5e-3, "refactor_every": 0, "momentum_reset_every": 0, "recovery_steps": 0}),
     "lowrank_restarts": ("lowrank", {}),
+    "lora": ("relora", {"relora_every": 0, "warm_start_steps": 0}),
+    "relora": ("relora", {}),
 }
 
 

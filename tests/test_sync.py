@@ -20,7 +20,8 @@ def skeleton(script):
 
 
 def test_the_methods():
-    assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py"]
+    assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py",
+                       "train_relora.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
