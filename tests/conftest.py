@@ -14,9 +14,10 @@ SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "trai
 NANO = ["--size", "nano", "--device", "cpu", "--seq-len", "64", "--val-tokens", "4096", "--log-every", "1"]
 
 
-# glibc otherwise mmaps (and page-faults in) every allocation above 32 MiB afresh each step: 2x slower on CPU
+# glibc otherwise mmaps (and page-faults in) every allocation above 32 MiB afresh each step: 2x slower on CPU;
+# and the nano runs of the tests are too small for two threads to pay for their synchronization
 FAST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-               "MALLOC_TOP_PAD_": "1073741824"}
+               "MALLOC_TOP_PAD_": "1073741824", "OMP_NUM_THREADS": "1"}
 
 
 def run(cmd, check=True, timeout=600, env=None):

@@ -1,0 +1,499 @@
+"""
+LoRA and ReLoRA for pretraining: a frozen full-rank W0 plus trainable low-rank B A, merged and restarted.
+
+    python train_relora.py                                  # tiny on CPU: 25 full-rank steps, then a merge every 25
+    python train_relora.py --relora-every 0 --warm-start-steps 0   # plain LoRA (the benchmark's LoRA row)
+    python train_relora.py --size 130m --dataset c4         # one GPU: 5K full-rank steps, then a merge every 5K
+    torchrun --nproc_per_node=4 train_relora.py --size 350m --dataset c4
+
+The method (LoRA for pretraining, Glentis et al. 2025; ReLoRA, Lialin et al., "ReLoRA: High-Rank Training Through
+Low-Rank Updates", ICLR 2024): every attention/MLP matrix is W0 + B A alpha / r, W0 (m x n) the model's own init,
+frozen; B (m x r) = 0 and A (r x n) Kaiming-uniform train with AdamW, as do the embedding, head and norms.
+    steps 1 .. N:    W0 trains full rank, B = 0 and A frozen     warm start; then W0 freezes and its state is freed
+    every K steps:   W0 <- W0 + B A alpha / r;  A <- Kaiming;  B <- 0      merge and restart (same function)
+                     M, V of B and A: the largest 1% of each by magnitude kept, the rest zeroed; t kept
+    lr_{s+j} = lr(s+j) min(1, j / R)  for the j-th step after a restart s (the switch, each merge): jagged schedule
+Gradients and Adam moments r(m+n) per matrix, weights mn + r(m+n): the memory LoRA saves (the warm start needs
+full-rank memory). K = N = 0 is plain LoRA, whose total update W - W0 = B A alpha / r has rank at most r.
+"""
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import evaluate, get_batch, load_tokens, val_windows
+from model import (RECIPES, SEQ_LEN, Llama, compressible_matrices, estimate_bytes, flops_per_token, get_config,
+                   memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops, tensor_bytes)
+
+# -----------------------------------------------------------------------------
+# config: the defaults are the size's recipe; every flag overrides them
+
+
+def bounded(cast, low, high=math.inf, open_low=False):
+    """An argparse type: a finite number in [low, high] (or (low, high]), else a one-line error."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            bound = f"> {low}" if open_low else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
+                                             + f", got {text}")
+        return value
+    return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every default (a computed one says how in its help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
+POSITIVE = bounded(float, 0, open_low=True)
+pre = argparse.ArgumentParser(add_help=False)
+pre.add_argument("--size", default="tiny")
+size = pre.parse_known_args()[0].size  # the defaults below depend on the size
+cfg, recipe = get_config(size), RECIPES[size]
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
+# data
+parser.add_argument("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
+parser.add_argument("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
+parser.add_argument("--val-tokens", type=COUNT, default=recipe.val_tokens, help="size of the fixed validation set")
+# model
+parser.add_argument("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
+# optimization
+parser.add_argument("--max-steps", type=COUNT, default=None,
+                    help=f"optimizer steps (default: the recipe's {recipe.steps:,} for {size}, times --budget)")
+parser.add_argument("--budget", type=POSITIVE, default=1.0, help="scale the recipe's steps (0.1: a tenth of the run)")
+parser.add_argument("--global-batch", type=COUNT, default=recipe.batch,
+                    help="sequences per optimizer step, all processes together")
+parser.add_argument("--batch-size", type=COUNT, default=None,
+                    help="sequences per forward/backward per process (default: what fits this GPU, 8 on a CPU); "
+                         "gradient accumulation makes up the global batch")
+parser.add_argument("--warmup-steps", type=OFF_OR_COUNT, default=None,
+                    help="linear warmup (default: 10%% of the steps)")
+parser.add_argument("--min-lr-ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays to this x --lr")
+parser.add_argument("--weight-decay", type=bounded(float, 0), default=0.0, help="decoupled weight decay")
+parser.add_argument("--grad-clip", type=bounded(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+# eval, logging, checkpoints
+parser.add_argument("--eval-every", type=COUNT, default=None,
+                    help=f"evaluate every N steps and at the end (default: {recipe.evals} evaluations per run)")
+parser.add_argument("--log-every", type=COUNT, default=10, help="print and log the loss every N steps")
+parser.add_argument("--ckpt-every", type=OFF_OR_COUNT, default=0, help="checkpoint every N steps and at the end")
+parser.add_argument("--out-dir", default=None, help="where results go (default: out/<run>_<size>_<dataset>)")
+parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+parser.add_argument("--dry-run", action="store_true", help="print the plan of the run and exit (nothing is written)")
+# system
+parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "mixed", "fp32"],
+                    help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
+                         "weights under bf16 autocast; fp32 (auto on CPU)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--seed", type=OFF_OR_COUNT, default=0, help="seed of the initialisation and of the batches")
+# --- METHOD: begin ---
+METHOD = "relora"
+parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+parser.add_argument("--rank", type=COUNT, help="r, inner dimension of B A")
+parser.add_argument("--scale", type=POSITIVE, help="alpha: the layer computes W0 x + B A x alpha / r")
+parser.add_argument("--relora-every", type=OFF_OR_COUNT, default=None,
+                    help="K: merge B A into W0 and restart the factors every K steps after the warm start "
+                         "(0: plain LoRA; default: a quarter of the run's steps)")
+parser.add_argument("--warm-start-steps", type=OFF_OR_COUNT, default=None,
+                    help="N: full-rank AdamW steps on W0 before B A trains (0: low rank from the first step; "
+                         "default: a quarter of the run's steps)")
+parser.add_argument("--restart-warmup", type=OFF_OR_COUNT,
+                    help="R: after the warm start and after each merge the lr climbs from 0 back to the schedule "
+                         "over R steps")
+parser.add_argument("--prune-ratio", type=bounded(float, 0, 1),
+                    help="at each merge, zero this fraction of each of the factors' Adam moments, the smallest "
+                         "entries by magnitude")
+
+
+def run_name(args):
+    return "lora" if args.relora_every == 0 and args.warm_start_steps == 0 else "relora"
+# --- METHOD: end ---
+parser.set_defaults(**method_defaults(METHOD, size))
+args = parser.parse_args()
+
+if args.max_steps is not None and args.budget != 1.0:
+    sys.exit("error: give --max-steps or --budget, not both")
+
+# -----------------------------------------------------------------------------
+# setup: processes, device, precision, batch, output folder
+
+if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+    sys.exit(f"error: --device {args.device!r} is not cpu, cuda or cuda:N")
+ddp = "RANK" in os.environ  # launched by torchrun
+if ddp:
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    ddp_rank, ddp_world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
+else:
+    ddp_rank, ddp_world = 0, 1
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+master = ddp_rank == 0  # only rank 0 prints and writes files
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
+    torch.cuda.set_device(device)
+precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # pure bf16: the papers' runs
+autocast = torch.autocast(device_type, torch.bfloat16) if precision == "mixed" else contextlib.nullcontext()
+# the global batch is fixed by the recipe; each process runs micro-batches of B and accumulates the rest
+T, global_batch = args.seq_len, args.global_batch
+gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device_type == "cuda" else 0
+B = args.batch_size or micro_batch(args.size, global_batch, ddp_world, gpu_bytes)
+if global_batch % (B * ddp_world):
+    sys.exit(f"error: --global-batch {global_batch} is not a multiple of --batch-size {B} x {ddp_world} processes")
+accum = global_batch // (B * ddp_world)
+tokens_per_step = global_batch * T
+max_steps = args.max_steps or max(1, round(recipe.steps * args.budget))
+warmup_steps = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+eval_every = args.eval_every or max(1, max_steps // recipe.evals)
+run = run_name(args)
+out_dir = args.out_dir or os.path.join("out", f"{run}_{args.size}_{args.dataset.replace(':', '-')}")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if args.resume and not os.path.exists(ckpt_path):
+    sys.exit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
+if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("result.json", "ckpt.pt")):
+    sys.exit(f"error: {out_dir} holds an earlier run; --resume it or choose another --out-dir")
+
+# -----------------------------------------------------------------------------
+# data: random training windows, and the fixed validation set shared by every method
+
+if master:  # rank 0 prepares the default corpus if needed, the others wait for it
+    tokens = load_tokens(args.dataset, T)
+if ddp:
+    dist.barrier()
+if not master:
+    tokens = load_tokens(args.dataset, T)
+val = val_windows(tokens["val"], T, args.val_tokens)
+
+# -----------------------------------------------------------------------------
+# model: the same initial weights for every method (same seed)
+
+torch.manual_seed(args.seed)
+if args.dry_run:  # the plan needs shapes, not weights
+    device = "meta"
+with torch.device("meta") if args.dry_run else contextlib.nullcontext():
+    model = Llama(cfg)
+model = model.to(device, param_dtype)
+
+# -----------------------------------------------------------------------------
+# --- METHOD: begin ---
+# the method: a frozen W0 plus trainable B A in every attention/MLP matrix, merged and restarted every K steps (ReLoRA)
+
+
+class LoRALinear(torch.nn.Module):
+    """y = W0 x + B (A x) alpha / r. W0 (m x n) is the linear layer's own weight, frozen: no gradient, no optimizer
+    state. B (m x r) starts at 0 and A (r x n) Kaiming-uniform, U(+-1/sqrt(n)), so the layer starts as W0 x."""
+
+    def __init__(self, weight, r, alpha):
+        super().__init__()
+        m, n = weight.shape
+        self.scale = alpha / r
+        self.W0 = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        self.B = torch.nn.Parameter(torch.zeros(m, r))
+        self.A = torch.nn.Parameter(torch.empty(r, n))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's default init, as LoRA and ReLoRA
+
+    def forward(self, x):
+        linear = torch.nn.functional.linear
+        return linear(x, self.W0) + linear(linear(x, self.A) * self.scale, self.B)
+
+    @torch.no_grad()
+    def merge_and_reinit(self, generator):
+        """W0 += B A alpha / r (the function is unchanged), then A is drawn again from `generator`, on the CPU so
+        that every device and process draws the same numbers, and B = 0: the next B A starts from 0."""
+        self.W0.add_((self.B.float() @ self.A.float() * self.scale).to(self.W0.dtype))
+        A = torch.nn.init.kaiming_uniform_(torch.empty(self.A.shape), a=math.sqrt(5), generator=generator)
+        self.A.copy_(A)
+        self.B.zero_()
+
+
+@torch.no_grad()
+def prune_state(optimizer, params, ratio):
+    """ReLoRA's partial optimizer reset: in each Adam moment (exp_avg, exp_avg_sq) of each parameter, the
+    round(ratio n) entries smallest in magnitude are zeroed and the other n - round(ratio n) kept. The step
+    counter is kept, as ReLoRA does: the bias correction stays ~1, so the kept entries act as before, and a zeroed
+    entry's next update is (1 - b1) / sqrt(1 - b2) = 3.2 times Adam's usual step, which the lr re-warm tempers."""
+    for p in params:
+        state = optimizer.state.get(p, {})  # none before the factor's first step
+        for t in (state[moment] for moment in ("exp_avg", "exp_avg_sq") if moment in state):
+            keep = t.numel() - round(ratio * t.numel())
+            mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+            mask[t.abs().flatten().topk(keep).indices] = True
+            t.masked_fill_(~mask.view_as(t), 0)
+
+
+def set_phase(layers, optimizer, lora):
+    """The warm start (lora False) trains every W0 at full rank, B (= 0) and A frozen; the low-rank phase freezes
+    W0, frees its AdamW state (the memory the method saves) and trains B and A."""
+    for layer in layers:
+        layer.W0.requires_grad_(not lora)
+        layer.B.requires_grad_(lora)
+        layer.A.requires_grad_(lora)
+        if lora:
+            optimizer.state.pop(layer.W0, None)
+
+
+def restart_factor(step, warm_start, every, warmup):
+    """The jagged schedule: restarts follow `warm_start` steps (if any) and every `every` steps after it; the lr
+    falls to 0 at each and climbs back linearly, the j-th step after it getting j / warmup of the schedule's lr."""
+    first = warm_start or every  # the first restart: the switch to low rank, else the first merge
+    if not (first and warmup) or step < first:
+        return 1.0  # before it, the global warmup is the only one
+    since = (step - warm_start) % every if every else step - warm_start
+    return min(1.0, (since + 1) / warmup)
+
+
+r, alpha = args.rank, args.scale
+if r >= min(cfg.n_embd, cfg.n_ff):
+    sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
+# ReLoRA's 250M run: a quarter of the steps full rank, then a merge every quarter
+relora_every = max_steps // 4 if args.relora_every is None else args.relora_every
+warm_start = max_steps // 4 if args.warm_start_steps is None else args.warm_start_steps
+restart_warmup = args.restart_warmup
+if relora_every and restart_warmup >= relora_every:
+    sys.exit(f"error: --restart-warmup {restart_warmup} must be below --relora-every {relora_every}")
+if master and relora_every and warm_start + relora_every > max_steps:
+    print(f"warning: --warm-start-steps {warm_start} + --relora-every {relora_every} is beyond the run's "
+          f"{max_steps} steps: no merge will happen", file=sys.stderr)
+if master and warm_start:  # the estimate printed below is the low-rank phase's
+    full, low = estimate_bytes(args.size, "full", precision), estimate_bytes(args.size, METHOD, precision, {"rank": r})
+    extra = sum(full[k] - low[k] for k in ("grads_bytes", "optimizer_state_bytes"))
+    print(f"warm start: the first {min(warm_start, max_steps):,} steps train W0 at full rank, with {extra / 2**20:,.1f}"
+          f" MiB more of gradients and optimizer state than the low-rank phase (the peak memory is full rank's)")
+layers = []
+for name, linear in compressible_matrices(model):
+    parent, child = name.rsplit(".", 1)
+    layers.append(LoRALinear(linear.weight, r, alpha).to(device, param_dtype))  # W0 is already there
+    setattr(model.get_submodule(parent), child, layers[-1])
+# one AdamW over every parameter: a frozen one gets no gradient, so AdamW skips it and keeps no state for it
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+factors = [p for layer in layers for p in (layer.B, layer.A)]
+lora_phase = True  # as built: W0 frozen; the loop sets the phase of each step (warm start: W0 trains instead)
+hparams = {"lr": args.lr, "rank": r, "scale": alpha, "relora_every": relora_every, "warm_start_steps": warm_start,
+           "restart_warmup": restart_warmup, "prune_ratio": args.prune_ratio}
+# --- METHOD: end ---
+
+raw_model = model  # the module itself, for state_dict and memory accounting
+n_flops = flops_per_token(raw_model, T)
+if args.compile:
+    model = torch.compile(model)
+if ddp:
+    # buffers are never changed by training (SLTrain's sparse support is drawn alike on every process):
+    # no broadcast of them at every step
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
+counts = param_counts(raw_model)
+if master:
+    estimate = estimate_bytes(args.size, METHOD, precision, hparams)
+    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head) "
+          f"| {ddp_world} x {device_type} | {precision}")
+    print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {global_batch} x {T} = "
+          f"{tokens_per_step:,} tokens/step ({B} per micro-batch x {accum} accumulated x {ddp_world} processes) | "
+          f"{max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
+          f"eval every {eval_every} on {val[0].numel():,} tokens")
+    print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
+    print(f"memory ({precision}, estimated from shapes): "
+          + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
+                       for k, v in estimate.items() if v) + "; activations not counted")
+    print(f"results -> {out_dir}/result.json and log.jsonl" + (" (dry run: nothing written)" if args.dry_run else ""))
+if args.dry_run:
+    sys.exit(0)
+
+
+def get_lr(step):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
+    if step < warmup_steps:
+        return args.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def all_finite(tensors):
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+# a resume must continue the same run: these settings have to match the checkpoint's
+config = {"method": METHOD, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": T,
+          "global_batch": global_batch, "precision": precision, "weight_decay": args.weight_decay,
+          "grad_clip": args.grad_clip, **hparams}
+start_step, stats = 0, {"train_time": 0.0, "timed_tokens": 0, "grads_bytes": 0}
+if args.resume:  # plain tensors and numbers only, so weights_only=True loads it safely
+    try:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:
+        sys.exit(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
+    for key in {**saved, **config}:
+        if saved.get(key) != config.get(key):
+            sys.exit(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
+                     f"{key} {saved.get(key)}; resume with the same settings or use another --out-dir")
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    start_step, stats = ckpt["step"], ckpt["stats"]
+    if start_step > max_steps:
+        sys.exit(f"error: {ckpt_path} is at step {start_step}, beyond --max-steps {max_steps}")
+
+# -----------------------------------------------------------------------------
+# training loop
+
+if master:
+    try:  # held until this process exits: a second run in the same folder stops here
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is using {out_dir} (choose another --out-dir)")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    # a resumed run keeps the log up to its checkpoint, rewritten atomically before anything else
+    log_path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        for line in open(log_path):
+            with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a")
+estimate_time = device_type == "cpu" and args.size not in ("nano", "tiny")
+bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
+           disable=not master)
+last_log_time, last_log_tokens, record = 0.0, 0, {}
+for step in bar:
+    t0 = time.time()
+    lr = get_lr(step)
+    # --- METHOD: begin ---
+    if (step >= warm_start) != lora_phase:  # a pure function of the step, so a resume lands in the right phase
+        lora_phase = step >= warm_start
+        set_phase(layers, optimizer, lora_phase)
+        if ddp:  # DDP all-reduces the parameters that required grad when it was built: wrap the model anew
+            model = DDP(model.module, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
+    lr *= restart_factor(step, warm_start, relora_every, restart_warmup)  # the jagged schedule
+    # --- METHOD: end ---
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # ---------------- TRAINING SECTION BEGIN ----------------
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum):
+        # batch offsets depend only on (seed, step, micro_step, process): the same for every method and on resume,
+        # and N processes draw what one process with N times the accumulation would
+        seed = args.seed * 10**9 + (step * accum + micro_step) * ddp_world + ddp_rank
+        x, y = get_batch(tokens["train"], B, T, seed)
+        x, y = x.to(device), y.to(device)
+        # under DDP, all-reduce the gradients only on the last micro-batch
+        sync = model.no_sync() if ddp and micro_step < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+        if estimate_time and step == start_step and micro_step == 0 and master:
+            total = (time.time() - t0) * accum * (max_steps - start_step)
+            bar.write(f"time estimate: {time.time() - t0:.1f} s for the first micro-batch, so about "
+                      + (f"{total / 3600:,.1f} h" if total > 3600 else f"{total / 60:,.1f} min")
+                      + " on this CPU; use a GPU, or --size tiny")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0 else None
+    if step == max_steps - 1:  # the gradients alive at the optimizer step, counted once
+        stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    # --- METHOD: begin ---
+    method_log = {}  # the merges when they happen, counted over the run
+    if relora_every and step + 1 > warm_start and (step + 1 - warm_start) % relora_every == 0:
+        generator = torch.Generator().manual_seed(args.seed * 10**9 + step + 1)  # the same on every rank and resume
+        for layer in layers:
+            layer.merge_and_reinit(generator)
+        prune_state(optimizer, factors, args.prune_ratio)
+        method_log["merges"] = stats["merges"] = stats.get("merges", 0) + 1
+    # --- METHOD: end ---
+    # ---------------- TRAINING SECTION END ----------------
+    # everything below is diagnostics
+    if ddp:  # the loss of every process, not just rank 0's
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (accum * ddp_world)
+    if not math.isfinite(train_loss):
+        sys.exit(f"error: the training loss is {train_loss} at step {step + 1}: training diverged (try a lower --lr)")
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    if step == start_step and device_type == "cuda":  # measure the peak after a warm-up step
+        torch.cuda.reset_peak_memory_stats(device)
+    if step > start_step:  # the first step pays for allocation and compilation
+        stats["train_time"] += dt
+        stats["timed_tokens"] += tokens_per_step
+    last = step == max_steps - 1
+    record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": train_loss, "lr": lr, **method_log}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm.item()
+    if stats["train_time"] > last_log_time:  # training tokens per second since the last log line
+        record["tok_per_s"] = (stats["timed_tokens"] - last_log_tokens) / (stats["train_time"] - last_log_time)
+    if (step + 1) % eval_every == 0 or last:
+        record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+        if not math.isfinite(record["val_ppl"]):
+            sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
+    if master and ((step + 1) % args.log_every == 0 or "val_loss" in record or method_log):
+        last_log_time, last_log_tokens = stats["train_time"], stats["timed_tokens"]
+        bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    bar.set_postfix(loss=f"{train_loss:.3f}")
+    if master and args.ckpt_every > 0 and ((step + 1) % args.ckpt_every == 0 or last):
+        if not all_finite(raw_model.parameters()):
+            sys.exit(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
+        ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                "config": config, "stats": stats}
+        torch.save(ckpt, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)  # atomic: a crash never leaves a half-written checkpoint
+
+# -----------------------------------------------------------------------------
+# results
+
+if "val_loss" not in record:  # a resume of a finished run: evaluate its final weights
+    record["val_loss"], record["val_ppl"] = evaluate(model, val, B, device, autocast)
+if master:
+    if not (all_finite(raw_model.parameters()) and math.isfinite(record["val_ppl"])):
+        sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
+    memory = {**memory_report(raw_model, optimizer), "grads_bytes": stats["grads_bytes"]}
+    if device_type == "cuda":
+        memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None
+    # model FLOPs utilization against the dense bf16 peak: for bf16 math on a GPU of the table only
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
+    result = {"method": METHOD, "run": run, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+              "steps": max_steps, "tokens": max_steps * tokens_per_step, "val_loss": record["val_loss"],
+              "val_ppl": record["val_ppl"], **memory, "params": counts, "tokens_per_s": tokens_per_s,
+              "flops_per_token": n_flops, "mfu": mfu,
+              "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+              "world_size": ddp_world, "precision": precision, "micro_batch": B, "grad_accum": accum,
+              "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
+    with open(os.path.join(out_dir, "result.json.tmp"), "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(os.path.join(out_dir, "result.json.tmp"), os.path.join(out_dir, "result.json"))
+    print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
+          + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
+          + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
+if ddp:
+    dist.destroy_process_group()
