@@ -16,13 +16,13 @@ NANO = ["--size", "nano", "--device", "cpu", "--seq-len", "64", "--val-tokens", 
 
 # glibc otherwise mmaps (and page-faults in) every allocation above 32 MiB afresh each step: 2x slower on CPU;
 # and the nano runs of the tests are too small for two threads to pay for their synchronization
-FAST_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+FAST_CPU = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
                "MALLOC_TOP_PAD_": "1073741824", "OMP_NUM_THREADS": "1"}
 
 
 def run(cmd, check=True, timeout=600, env=None):
     """Run a command in the repo root; returns the CompletedProcess."""
-    env = {**os.environ, **FAST_MALLOC, **(env or {})}
+    env = {**os.environ, **FAST_CPU, **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_MALLOC, NANO, ROOT, SCRIPTS, error_of, run, train
+from conftest import FAST_CPU, NANO, ROOT, SCRIPTS, error_of, run, train
 
 
 def test_full_galore_and_fira_see_the_same_first_batch(tmp_path, shakespeare):
@@ -73,7 +73,7 @@ def test_a_run_never_replaces_another_runs_results(tmp_path, shakespeare):
 def test_two_runs_in_one_out_dir(tmp_path, shakespeare):
     cmd = [sys.executable, "train_full.py", *NANO, "--out-dir", str(tmp_path)]
     first = subprocess.Popen(cmd + ["--max-steps", "60"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, **FAST_MALLOC})
+                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, **FAST_CPU})
     for line in first.stdout:  # the first run holds the lock once its log exists
         if line.startswith("step 1 |"):
             break

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_MALLOC, ROOT, SCRIPTS
+from conftest import FAST_CPU, ROOT, SCRIPTS
 from model import estimate_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,7 +33,7 @@ def run_together(jobs, tmp_path, at_once=6):
             out = tmp_path / name
             cmd = [sys.executable, script, "--device", "cuda", *flags, "--out-dir", str(out)]
             procs.append((name, out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, env={**os.environ, **FAST_MALLOC})))
+                                                      text=True, env={**os.environ, **FAST_CPU})))
         for name, out, proc in procs:
             output = proc.communicate()[0]
             assert proc.returncode == 0, f"{name} failed:\n{output[-3000:]}"
@@ -94,7 +94,7 @@ def test_compile_runs_for_every_script(tmp_path):
 def test_ddp_with_nccl_on_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_full.py",
            "--size", "nano", "--max-steps", "3", "--seq-len", "64", "--val-tokens", "512", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **FAST_MALLOC})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **FAST_CPU})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(tmp_path / "result.json"))
     assert result["world_size"] == 1 and result["device"] != "cpu" and result["precision"] == "bf16"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_MALLOC, ROOT, SCRIPTS, train
+from conftest import FAST_CPU, ROOT, SCRIPTS, train
 from model import METHODS, RECIPES, method_defaults
 
 # what each method does every few steps, as its log records it when it happens
@@ -44,7 +44,7 @@ def test_a_cpu_run_above_tiny_estimates_its_time(tmp_path):
     cmd = [sys.executable, "train_full.py", "--size", "350m", "--device", "cpu", "--global-batch", "2",
            "--batch-size", "1", "--seq-len", "32", "--max-steps", "3", "--out-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **FAST_MALLOC})
+                            env={**os.environ, **FAST_CPU})
     lines = []
     for line in proc.stdout:  # the estimate comes after the first micro-batch; no need to train further
         lines.append(line)
