@@ -115,9 +115,9 @@ parser.add_argument("--relora-every", type=OFF_OR_COUNT, default=None,
 parser.add_argument("--warm-start-steps", type=OFF_OR_COUNT, default=None,
                     help="N: full-rank AdamW steps on W0 before B A trains (0: low rank from the first step; "
                          "default: a quarter of the run's steps)")
-parser.add_argument("--restart-warmup", type=OFF_OR_COUNT,
+parser.add_argument("--restart-warmup", type=OFF_OR_COUNT, default=None,
                     help="R: after the warm start and after each merge the lr climbs from 0 back to the schedule "
-                         "over R steps")
+                         "over R steps (default: a fifth of the merge period, at most ReLoRA's 100)")
 parser.add_argument("--prune-ratio", type=bounded(float, 0, 1),
                     help="at each merge, zero this fraction of each of the factors' Adam moments, the smallest "
                          "entries by magnitude")
@@ -269,7 +269,7 @@ if r >= min(cfg.n_embd, cfg.n_ff):
 # ReLoRA's 250M run: a quarter of the steps full rank, then a merge every quarter
 relora_every = max_steps // 4 if args.relora_every is None else args.relora_every
 warm_start = max_steps // 4 if args.warm_start_steps is None else args.warm_start_steps
-restart_warmup = args.restart_warmup
+restart_warmup = min(100, relora_every // 5) if args.restart_warmup is None else args.restart_warmup
 if relora_every and restart_warmup >= relora_every:
     sys.exit(f"error: --restart-warmup {restart_warmup} must be below --relora-every {relora_every}")
 if master and relora_every and warm_start + relora_every > max_steps:

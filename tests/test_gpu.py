@@ -23,8 +23,10 @@ METHOD_OF = {"train_full.py": "full", "train_galore.py": "galore", "train_fira.p
              "train_lowrank_refactor.py": "lowrank", "train_sltrain.py": "sltrain", "train_relora.py": "relora"}
 
 
-def run_together(jobs, tmp_path, at_once=6):
-    """Run (name, script, flags) jobs as concurrent processes; returns {name: (result dict, log, process)}."""
+def run_together(jobs, tmp_path):
+    """Run (name, script, flags) jobs as concurrent processes, as many at once as ~8 GiB of GPU memory each
+    allows; returns {name: (result dict, log, output)}."""
+    at_once = max(1, torch.cuda.get_device_properties(0).total_memory // (8 * 2**30))
     done, pending = {}, list(jobs)
     while pending:
         batch, pending = pending[:at_once], pending[at_once:]
@@ -42,16 +44,17 @@ def run_together(jobs, tmp_path, at_once=6):
     return done
 
 
-@pytest.mark.parametrize("precision", ["bf16", "mixed", "fp32"])
-def test_every_method_trains_60m_in_each_precision(tmp_path, precision):
-    common = ["--size", "60m", "--max-steps", "30", "--global-batch", "16", "--batch-size", "16",
-              "--warmup-steps", "3", "--val-tokens", "8192", "--log-every", "1", "--precision", precision]
-    done = run_together([(s, s, common + ACT_OFTEN.get(s, [])) for s in SCRIPTS], tmp_path)
-    for script, (result, log, _) in done.items():
+def test_every_method_trains_60m_in_each_precision(tmp_path):
+    common = ["--size", "60m", "--max-steps", "24", "--global-batch", "16", "--batch-size", "16",
+              "--warmup-steps", "3", "--val-tokens", "8192", "--log-every", "1"]
+    jobs = [(f"{s}-{p}", s, common + ["--precision", p] + ACT_OFTEN.get(s, []))
+            for p in ("bf16", "mixed", "fp32") for s in SCRIPTS]
+    for name, (result, log, _) in run_together(jobs, tmp_path).items():
+        precision = name.rsplit("-", 1)[1]
         first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
-        assert last < first - 1.0, (script, first, last)
-        assert result["precision"] == precision and result["max_memory_allocated_bytes"] > 0
-        assert result["mfu"] is None if precision == "fp32" else 0 < result["mfu"] < 1
+        assert last < first - 0.5, (name, first, last)
+        assert result["precision"] == precision and result["max_memory_allocated_bytes"] > 0, name
+        assert result["mfu"] is None if precision == "fp32" else 0 < result["mfu"] < 1, name
 
 
 def test_peak_memory_follows_the_estimate(tmp_path):
@@ -61,7 +64,7 @@ def test_peak_memory_follows_the_estimate(tmp_path):
     estimator gives: full > GaLore = Fira > low-rank, and GaLore per layer (no full gradient set) below GaLore."""
     common = ["--size", "350m", "--max-steps", "4", "--global-batch", "1", "--batch-size", "1", "--seq-len", "256",
               "--val-tokens", "256", "--precision", "bf16"]
-    lora_phase = {"train_relora.py": ["--warm-start-steps", "0"]}  # the estimate is of the LoRA phase
+    lora_phase = {"train_relora.py": ["--warm-start-steps", "0", "--relora-every", "0"]}  # the estimate's phase
     jobs = [(METHOD_OF[s], s, common + lora_phase.get(s, [])) for s in SCRIPTS]
     jobs.append(("galore_per_layer", "train_galore.py", common + ["--per-layer", "--grad-clip", "0"]))
     done = run_together(jobs, tmp_path)

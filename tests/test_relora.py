@@ -208,7 +208,7 @@ def test_ddp_across_the_switch_and_a_merge_matches_one_process(tmp_path, shakesp
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--relora-every", "5"], "error: --restart-warmup 5 must be below --relora-every 5"),
+    (["--relora-every", "5", "--restart-warmup", "5"], "error: --restart-warmup 5 must be below --relora-every 5"),
     (["--prune-ratio", "1.5"], "error: argument --prune-ratio: must be >= 0 and <= 1, got 1.5")],
     ids=["restart-warmup", "prune-ratio"])
 def test_bad_settings_are_one_line_errors(tmp_path, flags, message):
