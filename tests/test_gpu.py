@@ -36,11 +36,15 @@ def run_together(jobs, tmp_path):
             cmd = [sys.executable, script, "--device", "cuda", *flags, "--out-dir", str(out)]
             procs.append((name, out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, env={**os.environ, **FAST_CPU})))
-        for name, out, proc in procs:
+        failed = []
+        for name, out, proc in procs:  # wait for every process of the batch before judging any
             output = proc.communicate()[0]
-            assert proc.returncode == 0, f"{name} failed:\n{output[-3000:]}"
+            if proc.returncode:
+                failed.append(f"{name} failed:\n{output[-2000:]}")
+                continue
             log = [json.loads(line) for line in open(out / "log.jsonl")]
             done[name] = (json.load(open(out / "result.json")), log, output)
+        assert not failed, "\n".join(failed)
     return done
 
 
