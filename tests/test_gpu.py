@@ -24,9 +24,9 @@ METHOD_OF = {"train_full.py": "full", "train_galore.py": "galore", "train_fira.p
 
 
 def run_together(jobs, tmp_path):
-    """Run (name, script, flags) jobs as concurrent processes, as many at once as ~8 GiB of GPU memory each
+    """Run (name, script, flags) jobs as concurrent processes, as many at once as ~7 GiB of GPU memory each
     allows; returns {name: (result dict, log, output)}."""
-    at_once = max(1, torch.cuda.get_device_properties(0).total_memory // (8 * 2**30))
+    at_once = max(1, torch.cuda.get_device_properties(0).total_memory // (7 * 2**30))
     done, pending = {}, list(jobs)
     while pending:
         batch, pending = pending[:at_once], pending[at_once:]
