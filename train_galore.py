@@ -151,6 +151,7 @@ device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
     if not torch.cuda.is_available():
         sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
+    device = device if ":" in device else f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
     torch.cuda.set_device(device)
 precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
 param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # pure bf16: the papers' runs
