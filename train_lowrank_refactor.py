@@ -289,8 +289,8 @@ if ddp:
 counts = param_counts(raw_model)
 if master:
     estimate = estimate_bytes(args.size, METHOD, precision, hparams)
-    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head) "
-          f"| {ddp_world} x {device_type} | {precision}")
+    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head), "
+          f"{n_flops / 1e6:,.1f} MFLOP per token | {ddp_world} x {device_type} | {precision}")
     print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {global_batch} x {T} = "
           f"{tokens_per_step:,} tokens/step ({B} per micro-batch x {accum} accumulated x {ddp_world} processes) | "
           f"{max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
@@ -480,4 +480,5 @@ if master:
           + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
           + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
 if ddp:
+    dist.barrier()  # the processes leave together: gloo aborts one whose peer is still writing the results
     dist.destroy_process_group()

@@ -22,13 +22,14 @@ def test_ddp_processes_draw_different_batches(tmp_path, shakespeare, script):
     # 2 processes x micro-batch 8 draw what 1 process accumulating 2 micro-batches of 8 draws: the same losses
     # (up to the order of float sums); if both processes drew the same batch, the loss would differ
     common = [*NANO, "--max-steps", "2", "--global-batch", "16", "--batch-size", "8"]
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-         *common, "--out-dir", str(tmp_path / "ddp")])
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
+                *common, "--out-dir", str(tmp_path / "ddp")])
+    assert proc.stdout.count("val loss") == 1  # only rank 0 reports
     run([sys.executable, script, *common, "--out-dir", str(tmp_path / "one")])
     ddp, one = ([json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("ddp", "one"))
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     ddp_result, one_result = (json.load(open(tmp_path / d / "result.json")) for d in ("ddp", "one"))
-    assert ddp_result["tokens"] == one_result["tokens"] == 2 * 16 * 64
+    assert ddp_result["tokens"] == one_result["tokens"] == 2 * 16 * 64 and ddp_result["world_size"] == 2
     assert (ddp_result["grad_accum"], one_result["grad_accum"]) == (1, 2)
 
 

@@ -22,7 +22,7 @@ def test_the_tiny_defaults_make_every_method_act_at_least_twice(tmp_path, shakes
     assert RECIPES["nano"].steps == RECIPES["tiny"].steps
     method = next(m for m, entry in METHODS.items() if entry["script"] == script)
     assert {**method_defaults(method, "tiny"), "rank": None} == {**method_defaults(method, "nano"), "rank": None}
-    _, log, _ = train(script, tmp_path, "--log-every", "50")
+    _, log, _ = train(script, tmp_path, "--log-every", "50", "--seq-len", "16", "--val-tokens", "256")
     assert log[-1]["step"] == 100
     for action in ACTIONS[script]:
         counts = [r[action] for r in log if action in r]
