@@ -1,12 +1,15 @@
 """
-The LLaMA-style decoder every method trains, the size table, and memory accounting.
+The LLaMA-style decoder every method trains, the size table, the recipes (what a run does by default), and the
+accounting of memory and FLOPs.
 
-Everything here must be identical across methods for the comparison to be fair, so it is shared;
-nothing here knows about any method. A method finds the matrices it may compress through
-`compressible_matrices(model)`.
+Everything here must be identical across methods for the comparison to be fair, so it is shared. The model
+knows nothing about any method: a method finds the matrices it may compress through
+`compressible_matrices(model)`. The recipe table and the memory estimator name the methods, so that one table
+serves every script and bench.sh.
 
-    python model.py                 # parameter counts of every size
-    python model.py --memory        # bf16 bytes of weights + optimizer states per size and method
+    python model.py                                # every size: its parameters and the papers' recipe
+    python model.py --memory                       # bf16 bytes of weights + optimizer states per size and method
+    python model.py --bench-command lowrank 60m    # the script and flags bench.sh runs for a row of its table
 """
 import argparse
 import math
