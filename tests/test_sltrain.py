@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_resume_is_exact, definitions, train
+from conftest import assert_refactorization_keeps_the_logits, assert_resume_is_exact, definitions, nano_with, train
 from model import BENCH_ROWS, RANKS, SIZES, Llama, compressible_matrices, estimate_bytes, method_defaults
 
 ns = definitions("train_sltrain.py")
@@ -85,15 +85,10 @@ def test_autocast_keeps_each_gradient_in_its_parameters_dtype():
 
 def sltrain_nano(seed=0):
     """nano with the script's surgery."""
-    torch.manual_seed(seed)
-    model = Llama(SIZES["nano"])
-    layers = []
-    for i, (name, linear) in enumerate(compressible_matrices(model)):
-        parent, child = name.rsplit(".", 1)
+    def make(i, linear):
         m, n = linear.weight.shape
-        layers.append(SparseLowRankLinear(m, n, 8, 32, draw_support(m, n, int(DELTA * m * n), seed, i)))
-        setattr(model.get_submodule(parent), child, layers[-1])
-    return model, layers
+        return SparseLowRankLinear(m, n, 8, 32, draw_support(m, n, int(DELTA * m * n), seed, i))
+    return nano_with(make, seed)
 
 
 def test_the_graph_keeps_no_m_by_n_tensor():
@@ -124,13 +119,7 @@ def test_a_restart_leaves_the_logits_and_s_unchanged():
             layer.B.normal_(0, 0.5)
             layer.A.div_(4.0)
     S = [(layer.values.clone(), layer.indices.clone()) for layer in layers]
-    idx = torch.randint(0, 50257, (2, 16))
-    before, _ = model(idx)
-    for layer in layers:
-        refactorize(layer.B, layer.A)
-    after, _ = model(idx)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert all(torch.allclose(l.B.T @ l.B, l.A @ l.A.T, atol=1e-5) for l in layers)  # balanced
+    assert_refactorization_keeps_the_logits(model, layers, refactorize)
     assert all(torch.equal(l.values, v) and torch.equal(l.indices, i) for l, (v, i) in zip(layers, S))
 
 

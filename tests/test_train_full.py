@@ -1,8 +1,7 @@
-import json
 import os
 import sys
 
-from conftest import NANO, assert_resume_is_exact, run, train
+from conftest import assert_resume_is_exact, run, train
 
 
 def test_loss_falls_on_nano(tmp_path, shakespeare):
