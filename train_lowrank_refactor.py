@@ -119,9 +119,6 @@ parser.add_argument("--reset-moments", default="both", choices=["both", "first"]
                     help="both moments and the step counter (a fresh AdamW), or the first moment only")
 parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
                     help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
-parser.add_argument("--init", default="kaiming", choices=["kaiming", "variance"],
-                    help="factors' init: Kaiming-uniform (official) or normal with B A alpha / r at the full "
-                         "model's init variance")
 
 
 def run_name(args):
@@ -265,9 +262,6 @@ factorized = []
 for name, linear in compressible_matrices(model):
     parent, child = name.rsplit(".", 1)
     factorized.append(LowRankLinear(*linear.weight.shape, r, alpha))
-    if args.init == "variance":  # entries of B A alpha / r with the full model's init variance
-        for factor in (factorized[-1].B, factorized[-1].A):
-            torch.nn.init.normal_(factor, std=(cfg.init_std ** 2 * r / alpha ** 2) ** 0.25)
     setattr(model.get_submodule(parent), child, factorized[-1].to(device, param_dtype))
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
@@ -275,7 +269,7 @@ factors = [p for layer in factorized for p in (layer.B, layer.A)]
 reset_params = list(model.parameters()) if args.reset_scope == "all" else factors
 hparams = {"lr": args.lr, "rank": r, "scale": alpha, "refactor_every": refactor_every, "momentum_reset_every":
            reset_every, "reset_scope": args.reset_scope, "reset_moments": reset_moments,
-           "recovery_steps": recovery_steps, "init": args.init}
+           "recovery_steps": recovery_steps}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
