@@ -63,7 +63,7 @@ if [ "$SMOKE" = 1 ]; then  # every method once, quickly, on the embedded corpus:
     DEFAULT_SIZES="60m"
     DEFAULT_DATASET=shakespeare
     STEPS=${STEPS:-100}
-    EXTRA=(--global-batch 128)
+    EXTRA=(--global-batch 128 --eval-every "$STEPS")  # one validation, at the end: the sweep's time is training
     DEVICE="$DEVICE-smoke"
 fi
 SIZES=${SIZES:-$DEFAULT_SIZES}

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_CPU, NANO, ROOT, SCRIPTS, error_of, run, train
+from conftest import FAST_CPU, NANO, ROOT, SCRIPTS, error_of, run, torchrun, train
 
 
 def test_full_galore_and_fira_see_the_same_first_batch(tmp_path, shakespeare):
@@ -22,8 +22,7 @@ def test_ddp_processes_draw_different_batches(tmp_path, shakespeare, script):
     # 2 processes x micro-batch 8 draw what 1 process accumulating 2 micro-batches of 8 draws: the same losses
     # (up to the order of float sums); if both processes drew the same batch, the loss would differ
     common = [*NANO, "--max-steps", "2", "--global-batch", "16", "--batch-size", "8"]
-    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script,
-                *common, "--out-dir", str(tmp_path / "ddp")])
+    proc = torchrun(script, tmp_path / "ddp", *common)
     assert proc.stdout.count("val loss") == 1  # only rank 0 reports
     run([sys.executable, script, *common, "--out-dir", str(tmp_path / "one")])
     ddp, one = ([json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("ddp", "one"))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import NANO, assert_resume_is_exact, definitions, error_of, nano_with, run, train
+from conftest import NANO, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun, train
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
 ns = definitions("train_relora.py")
@@ -190,8 +190,7 @@ def test_ddp_across_the_switch_and_a_merge_matches_one_process(tmp_path, shakesp
     # 2 processes vs 1 process accumulating 2 micro-batches: DDP is built again at the switch, as W0 freezes
     common = [*NANO, *FAST, "--max-steps", "5", "--global-batch", "16", "--batch-size", "8", "--warm-start-steps",
               "2", "--relora-every", "2", "--restart-warmup", "1"]
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train_relora.py",
-         *common, "--out-dir", str(tmp_path / "ddp")])
+    torchrun("train_relora.py", tmp_path / "ddp", *common)
     run([sys.executable, "train_relora.py", *common, "--out-dir", str(tmp_path / "one")])
     ddp, one = ([json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("ddp", "one"))
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
