@@ -1,5 +1,6 @@
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,7 +26,12 @@ def run(cmd, check=True, timeout=600, env=None):
     """Run a command in the repo root; returns the CompletedProcess."""
     env = {**os.environ, **FAST_CPU, **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
+    return exited_0(cmd, proc) if check else proc
+
+
+def exited_0(cmd, proc):
+    """proc, if it exited 0; else an AssertionError with the end of its stderr."""
+    if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
 
@@ -43,9 +49,7 @@ def torchrun(script, out_dir, *args):
             and os.path.exists(os.path.join(out_dir, "result.json"))):
         shutil.rmtree(out_dir)
         proc = run(cmd, check=False)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
+    return exited_0(cmd, proc)
 
 
 def error_of(proc):
@@ -105,6 +109,26 @@ def assert_refactorization_keeps_the_logits(model, layers, refactorize):
     after, _ = model(idx)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert all(torch.allclose(layer.B.T @ layer.B, layer.A @ layer.A.T, atol=1e-5) for layer in layers)
+
+
+def adamw_steps(model, steps=2):
+    """A few AdamW steps of model on one fixed batch, so that every parameter has optimizer state; returns the
+    optimizer and the batch."""
+    import torch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, idx
+
+
+def warmup_cosine_lr(step, lr, max_steps, warmup, min_ratio=0.1):
+    """The scripts' schedule written out independently: linear warmup, then cosine down to min_ratio * lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2)
 
 
 @pytest.fixture(scope="session")

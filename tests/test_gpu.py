@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_CPU, ROOT, SCRIPTS
-from model import estimate_bytes
+from conftest import FAST_CPU, ROOT, SCRIPTS, run
+from model import METHODS, estimate_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,8 +19,7 @@ ACT_OFTEN = {"train_galore.py": ["--update-proj-gap", "10"], "train_fira.py": ["
              "train_lowrank_refactor.py": ["--refactor-every", "10", "--recovery-steps", "3"],
              "train_sltrain.py": ["--restart-every", "10", "--recovery-steps", "3"],
              "train_relora.py": ["--relora-every", "10", "--warm-start-steps", "5", "--restart-warmup", "3"]}
-METHOD_OF = {"train_full.py": "full", "train_galore.py": "galore", "train_fira.py": "fira",
-             "train_lowrank_refactor.py": "lowrank", "train_sltrain.py": "sltrain", "train_relora.py": "relora"}
+METHOD_OF = {spec["script"]: method for method, spec in METHODS.items()}
 
 
 def run_together(jobs, tmp_path):
@@ -110,7 +109,6 @@ def test_compile_runs_for_every_script(tmp_path):
 def test_ddp_with_nccl_on_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train_full.py",
            "--size", "nano", "--max-steps", "3", "--seq-len", "64", "--val-tokens", "512", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **FAST_CPU})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(cmd)
     result = json.load(open(tmp_path / "result.json"))
     assert result["world_size"] == 1 and result["device"] != "cpu" and result["precision"] == "bf16"

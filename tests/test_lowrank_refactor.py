@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import assert_refactorization_keeps_the_logits, assert_resume_is_exact, definitions, nano_with, train
+from conftest import (adamw_steps, assert_refactorization_keeps_the_logits, assert_resume_is_exact, definitions,
+                      nano_with, train, warmup_cosine_lr)
 from model import SIZES
 
 ns = definitions("train_lowrank_refactor.py")
@@ -72,19 +73,9 @@ def test_refactorization_leaves_the_logits_unchanged():
     assert_refactorization_keeps_the_logits(model, layers, refactorize)
 
 
-def two_adamw_steps(model):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
-        model(idx, idx)[1].backward()
-        opt.step()
-        opt.zero_grad()
-    return opt, idx
-
-
 def test_a_restart_of_scope_all_is_a_brand_new_adamw():
     model, layers = lowrank_nano()
-    opt, idx = two_adamw_steps(model)
+    opt, idx = adamw_steps(model)
     reset_optimizer_state(opt, list(model.parameters()), "both")
     for p in model.parameters():  # embedding and head included
         state = opt.state[p]
@@ -104,7 +95,7 @@ def test_a_restart_of_scope_all_is_a_brand_new_adamw():
 @pytest.mark.parametrize("moments", ["first", "both"])
 def test_a_restart_of_scope_factors_leaves_the_rest_untouched(moments):
     model, layers = lowrank_nano()
-    opt, _ = two_adamw_steps(model)
+    opt, _ = adamw_steps(model)
     factors = [p for layer in layers for p in (layer.B, layer.A)]
     others = [p for p in model.parameters() if all(p is not f for f in factors)]
     before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in others}
@@ -120,10 +111,7 @@ def test_a_restart_of_scope_factors_leaves_the_rest_untouched(moments):
 
 def expected_lr(step, lr, max_steps, warmup, K, R, min_ratio=0.1):
     """The schedule written out independently: warmup + cosine, times the recovery after each restart."""
-    if step < warmup:
-        base = lr * (step + 1) / warmup
-    else:
-        base = lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2)
+    base = warmup_cosine_lr(step, lr, max_steps, warmup, min_ratio)
     restarts = [k for k in range(K, max_steps, K) if k <= step]  # 0-based index of the first step after each
     since = step - restarts[-1] if restarts else R
     return base * (0.001 + 0.999 * since / R if since < R else 1.0)

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import NANO, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun, train
+from conftest import (NANO, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun,
+                      train, warmup_cosine_lr)
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
 ns = definitions("train_relora.py")
@@ -24,16 +25,6 @@ def as_if_trained(layers, seed=1):
     with torch.no_grad():
         for layer in layers:
             layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.05)
-
-
-def adamw_steps(model, steps=2):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
-    for _ in range(steps):
-        model(idx, idx)[1].backward()
-        opt.step()
-        opt.zero_grad()
-    return opt, idx
 
 
 def test_the_layer_is_w0_plus_b_a_alpha_over_r_and_starts_as_w0():
@@ -115,10 +106,7 @@ def test_w0_gets_no_gradient_and_no_state_and_the_warm_start_trains_w0_alone():
 def expected_lr(step, lr, max_steps, warmup, N, K, R, min_ratio=0.1):
     """The schedule written out independently: warmup + cosine, dropped to 0 at the switch to low rank (after N
     steps) and at each merge (every K steps after it), from where it climbs back over R steps."""
-    if step < warmup:
-        base = lr * (step + 1) / warmup
-    else:
-        base = lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2)
+    base = warmup_cosine_lr(step, lr, max_steps, warmup, min_ratio)
     restarts = ([N] if N else []) + (list(range(N + K, max_steps, K)) if K else [])  # steps done at each
     done = [s for s in restarts if s <= step]
     return base * min(1.0, (step - done[-1] + 1) / R) if done else base
