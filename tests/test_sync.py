@@ -13,10 +13,11 @@ RESTART = re.compile(r"# --- RESTART: begin ---\n.*?# --- RESTART: end ---\n", r
 
 
 def skeleton(script):
+    """The script without its docstring and METHOD regions, and how many regions it has."""
     text = open(os.path.join(ROOT, script)).read()
     assert text.startswith('"""\n')
-    body = text[text.index('"""', 3) + 3:]  # drop the docstring
-    return REGION.sub("# --- METHOD ---\n", body), len(REGION.findall(body))
+    body = text[text.index('"""', 3) + 3:]
+    return re.sub(r"\n *" + REGION.pattern, "\n", body, flags=re.S), len(REGION.findall(body))
 
 
 def test_the_methods():
@@ -28,7 +29,8 @@ def test_the_methods():
 def test_skeleton_is_identical_to_train_full(script):
     reference, n_ref = skeleton("train_full.py")
     text, n = skeleton(script)
-    assert n == n_ref == 4  # args, the method, the lr of the step, the per-step hook
+    # full-rank AdamW has two (its flags, its optimizer); a method may add the lr of the step and a per-step hook
+    assert n_ref == 2 and 2 <= n <= 4
     assert text == reference
 
 

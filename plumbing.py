@@ -1,0 +1,416 @@
+"""
+The run plumbing every train_*.py shares and no reader comes to learn: argument types and the shared flags,
+processes, device, precision and batch, the output folder (lock, log), checkpoints and what a resume must keep,
+the banner, divergence checks and the result file.
+
+Plain functions, called from the scripts in the order they read; nothing here knows a method (a test keeps it
+so): a script passes in its method's name and settings. What must be identical for a fair comparison (model,
+sizes, recipes, memory and FLOP accounting, tokens, batches, validation) lives in model.py and data.py.
+"""
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import load_tokens, val_windows
+from model import (RECIPES, SEQ_LEN, Llama, estimate_bytes, get_config, memory_report,
+                   method_defaults, micro_batch, param_counts, peak_bf16_flops)
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+def bounded(cast, low, high=math.inf, open_low=False):
+    """An argparse type: a finite number in [low, high] (or (low, high]), else a one-line error."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            bound = f"> {low}" if open_low else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
+                                             + f", got {text}")
+        return value
+    return parse
+
+
+COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
+POSITIVE = bounded(float, 0, open_low=True)
+SEED = bounded(int, 0, 2**31 - 1)  # the batch seeds are seed * 10^9 + ..., which must fit in 64 bits
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every default, 0 included (None: the help says how it is computed)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def shared_parser(doc):
+    """The flags every script has, with the size's recipe as defaults; returns (parser, size). A script adds its
+    method's flags, then calls parse_args."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--size", default="tiny")
+    size = pre.parse_known_args()[0].size  # the defaults below depend on the size
+    get_config(size)
+    recipe = RECIPES[size]
+    parser = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
+    add = parser.add_argument
+    # data
+    add("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
+    add("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
+    add("--val-tokens", type=COUNT, default=recipe.val_tokens, help="size of the fixed validation set")
+    # model
+    add("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
+    # optimization
+    add("--max-steps", type=COUNT, default=None,
+        help=f"optimizer steps (default: the recipe's {recipe.steps:,} for {size}, times --budget)")
+    add("--budget", type=POSITIVE, default=1.0, help="scale the recipe's steps (0.1: a tenth of the run)")
+    add("--global-batch", type=COUNT, default=recipe.batch, help="sequences per optimizer step, all processes together")
+    add("--batch-size", type=COUNT, default=None,
+        help="sequences per forward/backward per process (default: what fits this GPU, 8 on a CPU); "
+             "gradient accumulation makes up the global batch")
+    add("--warmup-steps", type=OFF_OR_COUNT, default=None, help="linear warmup (default: 10%% of the steps)")
+    add("--min-lr-ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays to this x --lr")
+    add("--weight-decay", type=bounded(float, 0), default=0.0, help="decoupled weight decay")
+    add("--grad-clip", type=bounded(float, 0), default=1.0, help="clip the global gradient norm (0: off)")
+    # eval, logging, checkpoints
+    add("--eval-every", type=COUNT, default=None,
+        help=f"evaluate every N steps and at the end (default: {recipe.evals} evaluations per run)")
+    add("--log-every", type=COUNT, default=10, help="print and log the loss every N steps")
+    add("--ckpt-every", type=OFF_OR_COUNT, default=0, help="checkpoint every N steps and at the end (0: never)")
+    add("--out-dir", default=None, help="where results go (default: out/<run>_<size>_<dataset>)")
+    add("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    add("--dry-run", action="store_true", help="print the plan of the run and exit (nothing is written)")
+    # system
+    add("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    add("--precision", default="auto", choices=["auto", "bf16", "mixed", "fp32"],
+        help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
+             "weights under bf16 autocast; fp32 (auto on CPU)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--seed", type=SEED, default=0, help="seed of the initialisation and of the batches")
+    return parser, size
+
+
+def parse_args(parser, method, size):
+    """Parse the command line over the method's defaults at this size (model.METHODS), so --help shows them."""
+    parser.set_defaults(method=method, **method_defaults(method, size))
+    args = parser.parse_args()
+    if args.max_steps is not None and args.budget != 1.0:
+        sys.exit("error: give --max-steps or --budget, not both")
+    return args
+
+
+def run_name(args):
+    """The run's name in its default folder and its result: the method's. A script whose runs differ in kind
+    (with or without restarts) defines its own run_name after importing this one."""
+    return args.method
+
+
+# -----------------------------------------------------------------------------
+# setup
+
+
+def setup_processes(args):
+    """(device, device_type, ddp, ddp_rank, ddp_world): one process, or one per GPU (or CPU) under torchrun."""
+    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        sys.exit(f"error: --device {args.device!r} is not cpu, cuda or cuda:N")
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        ddp_rank, ddp_world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else "cpu"
+    else:
+        ddp_rank, ddp_world = 0, 1
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"error: --device {args.device} but this machine has no CUDA GPU (use --device cpu)")
+        device = device if ":" in device else f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
+        torch.cuda.set_device(device)
+    return device, device_type, ddp, ddp_rank, ddp_world
+
+
+def setup_precision(args, device_type):
+    """(precision, param_dtype, autocast): pure bf16 as the papers (the default on CUDA), bf16 autocast over fp32
+    weights, or fp32 (the default on CPU)."""
+    precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    autocast = torch.autocast(device_type, torch.bfloat16) if precision == "mixed" else contextlib.nullcontext()
+    return precision, param_dtype, autocast
+
+
+def setup_batch(args, device, device_type, ddp_world):
+    """(micro_batch, accum): the global batch is fixed by the recipe; each process runs micro-batches that fit its
+    memory and accumulates gradients up to it, so every method sees the same tokens per step on any hardware."""
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device_type == "cuda" else 0
+    batch = args.batch_size or micro_batch(args.size, args.global_batch, ddp_world, gpu_bytes)
+    if args.global_batch % (batch * ddp_world):
+        sys.exit(f"error: --global-batch {args.global_batch} is not a multiple of --batch-size {batch} x "
+                 f"{ddp_world} processes")
+    return batch, args.global_batch // (batch * ddp_world)
+
+
+def setup_steps(args):
+    """(max_steps, warmup_steps, eval_every) from the recipe, --budget and the flags."""
+    recipe = RECIPES[args.size]
+    max_steps = args.max_steps or max(1, round(recipe.steps * args.budget))
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+    eval_every = args.eval_every or max(1, max_steps // recipe.evals)
+    return max_steps, warmup_steps, eval_every
+
+
+def output_paths(args, run):
+    """(out_dir, ckpt_path), refusing to mix two runs in one folder."""
+    out_dir = args.out_dir or os.path.join("out", f"{run}_{args.size}_{args.dataset.replace(':', '-')}")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if args.resume and not os.path.exists(ckpt_path):
+        sys.exit(f"error: --resume given but there is no checkpoint at {ckpt_path}")
+    if not args.resume and any(os.path.exists(os.path.join(out_dir, f)) for f in ("result.json", "ckpt.pt")):
+        sys.exit(f"error: {out_dir} holds an earlier run; --resume it or choose another --out-dir")
+    return out_dir, ckpt_path
+
+
+def load_data(args, master, ddp):
+    """(tokens, val): the dataset's token arrays and the fixed validation windows. Rank 0 prepares the default
+    corpus if needed, the others wait for it."""
+    if master:
+        tokens = load_tokens(args.dataset, args.seq_len)
+    if ddp:
+        dist.barrier()
+    if not master:
+        tokens = load_tokens(args.dataset, args.seq_len)
+    return tokens, val_windows(tokens["val"], args.seq_len, args.val_tokens)
+
+
+def new_model(args, device, param_dtype):
+    """The LLaMA of --size from the current seed; on the meta device (shapes only) for a dry run."""
+    with torch.device("meta") if args.dry_run else contextlib.nullcontext():
+        model = Llama(get_config(args.size))
+    return model.to(device, param_dtype)
+
+
+def wrap_model(model, args, ddp, device, device_type):
+    """torch.compile and DDP around the model, as asked."""
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = ddp_wrap(model, device, device_type)
+    return model
+
+
+def ddp_wrap(model, device, device_type):
+    # buffers are never changed by training (a fixed buffer is drawn alike on every process):
+    # no broadcast of them at every step
+    return DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
+
+
+def print_plan(run, args, method, hparams, model, n_flops, precision, device_type, ddp_world, tokens, val,
+               micro_batch, accum, max_steps, warmup_steps, eval_every, out_dir):
+    """The banner: what the run will do, before it does it."""
+    counts, tokens_per_step = param_counts(model), args.global_batch * args.seq_len
+    estimate = estimate_bytes(args.size, method, precision, hparams)
+    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head), "
+          f"{n_flops / 1e6:,.1f} MFLOP per token | {ddp_world} x {device_type} | {precision}")
+    print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {args.global_batch} x {args.seq_len} = "
+          f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-batch x {accum} accumulated x {ddp_world} "
+          f"processes) | {max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
+          f"eval every {eval_every} on {val[0].numel():,} tokens")
+    print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
+    print(f"memory ({precision}, estimated from shapes): "
+          + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
+                       for k, v in estimate.items() if v) + "; activations not counted")
+    print(f"results -> {out_dir}/result.json and log.jsonl" + (" (dry run: nothing written)" if args.dry_run else ""))
+
+
+# -----------------------------------------------------------------------------
+# the learning rate
+
+
+def lr_schedule(step, lr, warmup_steps, max_steps, min_lr_ratio):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -----------------------------------------------------------------------------
+# resume and the output folder
+
+
+def run_config(args, method, precision, hparams):
+    """What a resume must keep: the settings that make it the same run."""
+    return {"method": method, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": args.seq_len,
+            "global_batch": args.global_batch, "precision": precision, "weight_decay": args.weight_decay,
+            "grad_clip": args.grad_clip, **hparams}
+
+
+def resume(args, ckpt_path, device, config, model, optimizer, max_steps):
+    """(start_step, stats): from the checkpoint if --resume (refusing another run's), else a fresh start."""
+    if not args.resume:
+        return 0, {"train_time": 0.0, "timed_tokens": 0, "grads_bytes": 0}
+    try:  # plain tensors and numbers only, so weights_only=True loads it safely
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:
+        sys.exit(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
+    for key in {**saved, **config}:
+        if saved.get(key) != config.get(key):
+            sys.exit(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
+                     f"{key} {saved.get(key)}; resume with the same settings or use another --out-dir")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["step"] > max_steps:
+        sys.exit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {max_steps}")
+    return ckpt["step"], ckpt["stats"]
+
+
+HELD_LOCKS = []
+
+
+def open_out_dir(out_dir, resume, start_step):
+    """Lock the folder (held until the process exits: a second run there stops) and open log.jsonl, which a
+    resumed run keeps up to its checkpoint, rewritten atomically before anything else."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another run is using {out_dir} (choose another --out-dir)")
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+    HELD_LOCKS.append(lock)  # open as long as the process lives
+    log_path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if resume and os.path.exists(log_path):
+        for line in open(log_path):
+            with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    return open(log_path, "a")
+
+
+def progress_bar(run, args, start_step, max_steps, master):
+    return tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
+                disable=not master)
+
+
+def time_estimate(bar, args, device_type, seconds, micro_batches):
+    """On a CPU above tiny, how long the run will take, from its first micro-batch."""
+    if device_type == "cpu" and args.size not in ("nano", "tiny"):
+        total = seconds * micro_batches
+        bar.write(f"time estimate: {seconds:.1f} s for the first micro-batch, so about "
+                  + (f"{total / 3600:,.1f} h" if total > 3600 else f"{total / 60:,.1f} min")
+                  + " on this CPU; use a GPU, or --size tiny")
+
+
+# -----------------------------------------------------------------------------
+# after each step: the loss of every process, divergence, timing, the log line, checkpoints
+
+
+def all_finite(tensors):
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def mean_loss(loss_sum, accum, ddp, ddp_world, step):
+    """The step's training loss over every micro-batch of every process; a non-finite one stops the run."""
+    if ddp:
+        dist.all_reduce(loss_sum)
+    loss = loss_sum.item() / (accum * ddp_world)
+    if not math.isfinite(loss):
+        sys.exit(f"error: the training loss is {loss} at step {step + 1}: training diverged (try a lower --lr)")
+    return loss
+
+
+def time_step(stats, step, start_step, t0, tokens_per_step, device, device_type):
+    """Training time and tokens of optimizer steps, evaluation and checkpoints left out; the first step pays for
+    allocation and compilation and is not counted. The GPU's peak memory is measured after it."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    if step == start_step and device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if step > start_step:
+        stats["train_time"] += time.time() - t0
+        stats["timed_tokens"] += tokens_per_step
+
+
+def check_val(record, step):
+    if not math.isfinite(record["val_ppl"]):
+        sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
+
+
+def write_log(bar, log, record, stats, last):
+    """Print and append a log line, with the training tokens per second since the line before (whose time and
+    tokens are `last`); returns the new `last`."""
+    if stats["train_time"] > last[0]:
+        record["tok_per_s"] = (stats["timed_tokens"] - last[1]) / (stats["train_time"] - last[0])
+    bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    return stats["train_time"], stats["timed_tokens"]
+
+
+def save_checkpoint(ckpt_path, model, optimizer, step, config, stats):
+    """Atomic (a crash never leaves a half-written checkpoint), and never of non-finite weights."""
+    if not all_finite(model.parameters()):
+        sys.exit(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+            "config": config, "stats": stats}
+    torch.save(ckpt, ckpt_path + ".tmp")
+    os.replace(ckpt_path + ".tmp", ckpt_path)
+
+
+# -----------------------------------------------------------------------------
+# results
+
+
+def write_result(out_dir, run, args, method, hparams, record, model, optimizer, stats, n_flops, max_steps,
+                 precision, device, device_type, ddp_world, micro_batch, accum):
+    """result.json: the final validation, memory counted from the live tensors, speed, MFU and how it was run."""
+    if not (all_finite(model.parameters()) and math.isfinite(record["val_ppl"])):
+        sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
+    memory = {**memory_report(model, optimizer), "grads_bytes": stats["grads_bytes"]}
+    if device_type == "cuda":
+        memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None
+    # model FLOPs utilization against the dense bf16 peak: for bf16 math on a GPU of the table only
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+    mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
+    tokens = max_steps * args.global_batch * args.seq_len
+    result = {"method": method, "run": run, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+              "steps": max_steps, "tokens": tokens, "val_loss": record["val_loss"],
+              "val_ppl": record["val_ppl"], **memory, "params": param_counts(model), "tokens_per_s": tokens_per_s,
+              "flops_per_token": n_flops, "mfu": mfu,
+              "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+              "world_size": ddp_world, "precision": precision, "micro_batch": micro_batch, "grad_accum": accum,
+              "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
+    with open(os.path.join(out_dir, "result.json.tmp"), "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(os.path.join(out_dir, "result.json.tmp"), os.path.join(out_dir, "result.json"))
+    print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
+          + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
+          + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
+
+
+def finish(ddp):
+    if ddp:
+        dist.barrier()  # the processes leave together: gloo aborts one whose peer is still writing the results
+        dist.destroy_process_group()
