@@ -317,7 +317,7 @@ def load_tokens(name, seq_len=None):
               if meta["tokens"][split] else np.zeros(0, dtype=np.uint16) for split in SPLITS}
     if read_meta(d) != meta:  # a preparation committed while we opened the files: they may not be a pair
         sys.exit(f"error: dataset {name!r} was re-prepared while loading it; run again")
-    # get_batch draws window starts below len - T - 1, so it needs at least T + 2 tokens
+    # get_batch draws window starts below len - seq_len - 1, so it needs at least seq_len + 2 tokens
     if seq_len is not None and len(tokens["train"]) < seq_len + 2:
         sys.exit(f"error: dataset {name!r} has {len(tokens['train']):,} training tokens, fewer than one sequence "
                  f"of --seq-len {seq_len} needs ({seq_len + 2:,}); use a smaller --seq-len or a larger corpus")
@@ -327,32 +327,33 @@ def load_tokens(name, seq_len=None):
 # -----------------------------------------------------------------------------
 # batches and the fixed validation set
 
-def get_batch(tokens, B, T, seed):
-    """B random windows of T+1 tokens -> inputs x and next-token targets y, both (B, T) int64.
+def get_batch(tokens, micro_batch, seq_len, seed):
+    """micro_batch random windows of seq_len + 1 tokens -> inputs x and next-token targets y, both
+    (micro_batch, seq_len) int64.
 
     The offsets depend only on `seed`: the training loop passes one built from (run seed, step,
     micro step, rank), so every method sees the same batches and a resumed run the same as a straight one.
     """
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(tokens) - T - 1, (B,), generator=g).tolist()
-    w = torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64))
+    starts = torch.randint(len(tokens) - seq_len - 1, (micro_batch,), generator=g).tolist()
+    w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return w[:, :-1], w[:, 1:]
 
 
-def val_windows(val_tokens, T, n_tokens):
-    """The fixed validation set: the first n_tokens of val.bin as consecutive windows of T targets."""
-    if n_tokens < T:
-        sys.exit(f"error: --val-tokens {n_tokens} is fewer than one window of --seq-len {T} tokens")
-    n = min(n_tokens, len(val_tokens) - 1) // T
-    if n == 0:  # a window of T targets reads T + 1 tokens
+def val_windows(val_tokens, seq_len, n_tokens):
+    """The fixed validation set: the first n_tokens of val.bin as consecutive windows of seq_len targets."""
+    if n_tokens < seq_len:
+        sys.exit(f"error: --val-tokens {n_tokens} is fewer than one window of --seq-len {seq_len} tokens")
+    n = min(n_tokens, len(val_tokens) - 1) // seq_len
+    if n == 0:  # a window of seq_len targets reads seq_len + 1 tokens
         sys.exit(f"error: the validation split has {len(val_tokens):,} tokens, fewer than one window of --seq-len "
-                 f"{T} needs ({T + 1:,}); use a smaller --seq-len or a larger corpus")
-    w = torch.from_numpy(np.asarray(val_tokens[: n * T + 1]).astype(np.int64))
-    return w[:-1].view(n, T), w[1:].view(n, T)
+                 f"{seq_len} needs ({seq_len + 1:,}); use a smaller --seq-len or a larger corpus")
+    w = torch.from_numpy(np.asarray(val_tokens[: n * seq_len + 1]).astype(np.int64))
+    return w[:-1].view(n, seq_len), w[1:].view(n, seq_len)
 
 
 @torch.no_grad()
-def evaluate(model, windows, B, device, autocast):
+def evaluate(model, windows, micro_batch, device, autocast):
     """Mean next-token loss over the whole fixed set (each token weighted once) and its perplexity.
 
     Under DDP each rank takes every world_size-th window and the sums are all-reduced.
@@ -363,8 +364,8 @@ def evaluate(model, windows, B, device, autocast):
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
     was_training = model.training
     model.eval()
-    for i in range(0, len(idx), B):
-        x, y = x_all[idx[i:i + B]].to(device), y_all[idx[i:i + B]].to(device)
+    for i in range(0, len(idx), micro_batch):
+        x, y = x_all[idx[i:i + micro_batch]].to(device), y_all[idx[i:i + micro_batch]].to(device)
         with autocast:
             _, loss = model(x, y)
         total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=device, dtype=torch.float64)])

@@ -115,7 +115,7 @@ def parse_args(parser, method, size):
 
 def run_name(args):
     """The run's name in its default folder and its result: the method's. A script whose runs differ in kind
-    (with or without restarts) defines its own run_name after importing this one."""
+    (a method with a part switched off) defines its own run_name after importing this one."""
     return args.method
 
 
@@ -242,7 +242,7 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
 
 
 def lr_schedule(step, lr, warmup_steps, max_steps, min_lr_ratio):
-    """Linear warmup, then cosine decay to min_lr_ratio * lr (the GaLore/Fira benchmark schedule)."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (the benchmark papers' schedule)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)

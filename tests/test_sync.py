@@ -3,6 +3,7 @@ the text must be identical, so `diff train_full.py train_<method>.py` shows the 
 (refactorization, optimizer reset, lr recovery) is one text in every script that restarts."""
 import os
 import re
+import sys
 
 import pytest
 
@@ -49,3 +50,28 @@ def test_lines_are_short_and_help_strings_distinct(script):
     assert max(len(line) for line in text.splitlines()) <= 120
     helps = re.findall(r'help="([^"]*)"', text)
     assert len(helps) == len(set(helps))
+
+
+def test_plumbing_knows_no_method():
+    """plumbing.py holds what every script needs and no method: no method's name, nor its flags, appear in it."""
+    from model import BENCH_ROWS, METHODS
+    text = open(os.path.join(ROOT, "plumbing.py")).read()
+    names = set(METHODS) | set(BENCH_ROWS) | {"low-rank", "low rank", "restart", "projector", "merge", "adapter"}
+    flags = {k for m in METHODS.values() for k in m if k not in ("script", "lr")}
+    found = [w for w in names if re.search(rf"\b{re.escape(w)}\b", text.lower())]
+    found += [f for f in flags if re.search(rf"args\.{f}\b|[\"']{f}[\"']|--{f.replace('_', '-')}\b", text)]
+    assert not found
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_method_defaults_at_a_size(script):
+    """`--size 350m --help` prints every method setting's default at 350m, as model.METHODS gives it."""
+    from conftest import run
+    from model import METHODS, method_defaults
+    method = next(m for m, spec in METHODS.items() if spec["script"] == script)
+    help_text = " ".join(run([sys.executable, script, "--size", "350m", "--help"]).stdout.split())
+    for key, value in method_defaults(method, "350m").items():
+        flag = "--" + key.replace("_", "-")
+        # the flag's own help text, up to the next flag, ends with its default
+        own = rf"{re.escape(flag)} \S+ (?:(?! --[a-z]).)*?\(default: {re.escape(str(value))}\)"
+        assert re.search(own, help_text), (flag, value)
