@@ -9,11 +9,20 @@ Low-rank factorized training with restarts: weight refactorization, momentum res
 The method (Glentis et al. 2025, "Scalable Parameter and Memory Efficient Pretraining for LLM: Recent
 Algorithmic Advances and Benchmarking"): every attention/MLP matrix is W = B A alpha / r, with B (m x r)
 and A (r x n) trained from scratch by AdamW (both Kaiming-uniform, as the official code); the m x n matrix
-never exists. Every K steps, a restart:
+never exists. After steps K-1, 2K-1, ... (0-based; none after the last step), a restart:
     B = Qb Rb,  A^T = Qa Ra,  Rb Ra^T = U S V^T      thin QRs and the SVD of an r x r matrix
     B <- Qb U S^1/2,  A <- S^1/2 V^T Qa^T             refactorization: the same B A, balanced (B^T B = A A^T = S)
     M, V, t <- 0 for every parameter                   momentum reset: a brand-new AdamW, embedding and head too
-    lr_{K+j} = lr(K+j) (0.001 + 0.999 j / R)           quick recovery for j = 0 .. R-1 (R = 10 steps)
+and the lr's quick recovery over R = 10 steps. --lr-recovery authors (the default) is the lr of the authors'
+code, their LambdaLR rebuilt at each restart; with plain(t) = t / warmup, then the cosine to min_lr_ratio:
+    lambda(t) = plain(c + R) (0.001 + 0.999 min(1, j / (R - 1)))   t = c + j, c a multiple of K, j < R
+    lambda(t) = plain(t) elsewhere;   step s trains at --lr x lambda(s) up to the first restart, lambda(s + 1) after
+(their get_scheculer stretches K to the whole run unless K divides it: the restarts then get no recovery).
+--lr-recovery linear, this repository's rule (a run without resets takes the shared schedule in both):
+    lr_{cK+j} = lr(cK+j) (0.001 + 0.999 j / R)         j = 0 .. R-1, on the warmup + cosine every script shares
+Their released code restarts SLTrain only (its loop's restart block requires peft_model == 'sltrain'); its
+--peft_model choice restart_lora is handled nowhere (the paper's low-rank + restarts runs used unreleased
+code), so this script gives the low-rank factors the released SLTrain restart, its lr included.
 Weights r(m+n) instead of mn per matrix, and so are the gradients and each Adam moment. The paper's
 ablation: the reset speeds up convergence most, the refactorization gives a steady gain, both are best.
 """
@@ -50,6 +59,10 @@ parser.add_argument("--reset-moments", default="both", choices=["both", "first"]
                     help="both moments and the step counter (a fresh AdamW), or the first moment only")
 parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
                     help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
+parser.add_argument("--lr-recovery", default="authors", choices=["authors", "linear"],
+                    help="the lr of a run with resets: the authors' scheduler, rebuilt at each restart (its own "
+                         "warmup, a ramp over the first R steps, the recovery's target at R steps past it); or "
+                         "linear: the shared warmup + cosine times 0.001 + 0.999 j / R for the j-th step past a reset")
 
 
 def run_name(args):
@@ -128,11 +141,49 @@ def reset_optimizer_state(optimizer, params, moments):
                 state["step"].zero_()
 
 
-def recovery_factor(step, every, steps):
-    """The lr's quick recovery: resets follow steps every, 2 every, ... (counted from 1); the first step after
-    one gets 0.001 of the schedule's lr, and the factor climbs linearly back to 1 over `steps` steps."""
-    since = step % every if every and step >= every else steps
-    return 0.001 + 0.999 * since / steps if since < steps else 1.0
+def since_restart(step, every, max_steps):
+    """The one rule of when a restart happens: after 0-based steps K-1, 2K-1, ... (K = every; 0: never), but not
+    after the last step, whose recovery would never be trained. So step s is s % K steps past the latest restart
+    once K <= s < max_steps, and None before the first; the per-step hook restarts after step s when step s + 1
+    is 0 steps past one. K = 25, 100 steps: restarts after steps 24, 49 and 74, none after 99."""
+    return step % every if every and every <= step < max_steps else None
+
+
+def recovery_factor(step, every, recovery, max_steps):
+    """--lr-recovery linear: the step j steps past a restart trains at 0.001 + 0.999 j / R of the warmup + cosine
+    schedule for j < R = recovery, every other step at 1. K = 25, R = 10, 100 steps: steps 25-34, 50-59 and 75-84
+    take 0.001, 0.1009, ..., 0.9001."""
+    since = since_restart(step, every, max_steps)
+    return 0.001 + 0.999 * since / recovery if since is not None and since < recovery else 1.0
+
+
+def authors_lr(step, every, recovery, warmup, max_steps, min_ratio):
+    """--lr-recovery authors: the lr multiplier of step as Glentis et al.'s code gives it. Their scheduler
+    (cosine_quick_recovery, para_eff_pt/peft_pretraining/training_utils.py) is a LambdaLR of its count t:
+        plain(t) = t / warmup, then min_ratio + (1 - min_ratio) (1 + cos(pi (t - warmup) / (max_steps - warmup))) / 2
+        lambda(t) = plain(c + R) (0.001 + 0.999 min(1, j / (R - 1)))   t = c + j, c a multiple of K, j < R
+        lambda(t) = plain(t)                                            elsewhere
+    where their get_scheculer replaces K by max_steps unless K divides it (their restarts then get no recovery).
+    Their loop (torchrun_main_DDP.py) rebuilds the LambdaLR at each restart with last_epoch = the steps done, and
+    a LambdaLR steps once when built: step s trains at lambda(s) before the first restart and at lambda(s + 1)
+    after it. K = 25, R = 10, 100 steps: steps 0-9 ramp up to plain(10); steps 25-33 take j = 1..9 of plain(35);
+    steps 49-58 and 74-83 take j = 0..9 of plain(60) and plain(85), the old optimizer's last step at 0.001; and
+    step 99 takes 0.001 plain(110), since their loop restarts after its last step too."""
+    def plain(t):
+        if t < warmup:
+            return float(t) / float(max(1, warmup))
+        progress = float(t - warmup) / float(max(1, max_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * (0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    t = step + 1 if since_restart(step, every, max_steps) is not None else step
+    period = every if max_steps % every == 0 else max_steps
+    cycle_start = t // period * period
+    if recovery <= 0 or t - cycle_start >= recovery:
+        return plain(t)
+    target = plain(cycle_start + recovery)
+    low = target * 0.001
+    progress = min(float(t - cycle_start) / float(recovery - 1), 1.0) if recovery > 1 else 1.0
+    return low + (target - low) * progress  # their interpolation, term for term: the same float
 # --- RESTART: end ---
 
 
@@ -154,7 +205,7 @@ factors = [p for layer in factorized for p in (layer.B, layer.A)]
 reset_params = list(model.parameters()) if args.reset_scope == "all" else factors
 hparams = {"lr": args.lr, "rank": r, "scale": alpha, "refactor_every": refactor_every, "momentum_reset_every":
            reset_every, "reset_scope": args.reset_scope, "reset_moments": reset_moments,
-           "recovery_steps": recovery_steps}
+           "recovery_steps": recovery_steps, "lr_recovery": args.lr_recovery}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
@@ -179,7 +230,10 @@ for step in bar:
     lr = lr_schedule(step, args.lr, warmup_steps, max_steps, args.min_lr_ratio)
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    lr *= recovery_factor(step, reset_every, recovery_steps)  # quick recovery after each momentum reset
+    if args.lr_recovery == "authors" and reset_every:  # their scheduler replaces the warmup + cosine too
+        lr = args.lr * authors_lr(step, reset_every, recovery_steps, warmup_steps, max_steps, args.min_lr_ratio)
+    else:  # the quick recovery after each momentum reset, on the schedule every script shares
+        lr *= recovery_factor(step, reset_every, recovery_steps, max_steps)
     # --- RESTART: end ---
     # --- METHOD: end ---
     for group in optimizer.param_groups:
@@ -208,11 +262,11 @@ for step in bar:
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    if refactor_every and (step + 1) % refactor_every == 0:
+    if since_restart(step + 1, refactor_every, max_steps) == 0:  # the next step is the first past a restart
         for layer in factorized:
             refactorize(layer.B, layer.A)
         method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
-    if reset_every and (step + 1) % reset_every == 0:
+    if since_restart(step + 1, reset_every, max_steps) == 0:
         reset_optimizer_state(optimizer, reset_params, reset_moments)
         method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
     # --- RESTART: end ---

@@ -12,11 +12,19 @@ pretraining", with the restarts of Glentis et al. 2025): every attention/MLP mat
 S is sparse on a fixed random support: int(delta m n) positions of W, drawn once from the seed and the layer's
 index and kept as an int32 buffer (in every checkpoint, never re-drawn); only its values train (U(+-1/sqrt(n))
 at init, so W starts as S). A layer forms W in its forward and again in its backward and frees it each time:
-the autograd graph keeps x, B, A, the values and the indices, never an m x n matrix. Every K steps, a restart,
-the same text as train_lowrank_refactor.py's:
+the autograd graph keeps x, B, A alpha / r, the values and the indices, never an m x n matrix. As the official
+code (pt_sltrain), A is scaled before the product: B (A alpha / r), not (B A) alpha / r, which rounds
+differently in bf16 unless alpha / r is a power of two. After steps K-1, 2K-1, ... (0-based; none after the
+last step), a restart, the same text as train_lowrank_refactor.py's, as the authors' loop does it:
     B A <- balanced factors of the same product       thin QRs and an r x r SVD; S is left alone
     M, V, t <- 0 for every parameter                   a brand-new AdamW: factors, values, embedding, head, norms
-    lr_{K+j} = lr(K+j) (0.001 + 0.999 j / R)           quick recovery for j = 0 .. R-1 (R = 10 steps)
+and the lr's quick recovery over R = 10 steps. --lr-recovery authors (the default) is the lr of their code,
+their LambdaLR rebuilt at each restart; with plain(t) = t / warmup, then the cosine to min_lr_ratio:
+    lambda(t) = plain(c + R) (0.001 + 0.999 min(1, j / (R - 1)))   t = c + j, c a multiple of K, j < R
+    lambda(t) = plain(t) elsewhere;   step s trains at --lr x lambda(s) up to the first restart, lambda(s + 1) after
+(their get_scheculer stretches K to the whole run unless K divides it: the restarts then get no recovery).
+--lr-recovery linear, this repository's rule (a run without resets takes the shared schedule in both):
+    lr_{cK+j} = lr(cK+j) (0.001 + 0.999 j / R)         j = 0 .. R-1, on the warmup + cosine every script shares
 Weights r(m+n) + delta m n instead of mn per matrix, and so are the gradients and each Adam moment; plus
 4 bytes per index. Compute: each layer multiplies by the dense W, plus two B A products to form it.
 """
@@ -52,6 +60,10 @@ parser.add_argument("--restart-every", type=OFF_OR_COUNT,
                          "(0: plain SLTrain)")
 parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
                     help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
+parser.add_argument("--lr-recovery", default="authors", choices=["authors", "linear"],
+                    help="the lr of a run with resets: the authors' scheduler, rebuilt at each restart (its own "
+                         "warmup, a ramp over the first R steps, the recovery's target at R steps past it); or "
+                         "linear: the shared warmup + cosine times 0.001 + 0.999 j / R for the j-th step past a reset")
 
 
 def run_name(args):
@@ -83,7 +95,7 @@ model = new_model(args, device, param_dtype)
 
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
-# the method: sparse plus low-rank weights W = B A alpha / r + S (Han et al. 2024), with restarts (Glentis et al.)
+# the method: sparse plus low-rank weights W = B (A alpha / r) + S (Han et al. 2024), restarts (Glentis et al.)
 import numpy as np  # noqa: E402  (the support draw; the skeleton's imports are every script's)
 
 
@@ -102,42 +114,41 @@ def draw_support(m, n, nnz, seed, layer):
     return torch.from_numpy(support).to(index_dtype(m * n))
 
 
-def dense(B, A, values, indices, scale):
-    """W = scale B A + S, a fresh m x n tensor (S: values scattered to their flat indices). Differentiable."""
-    W = torch.mm(B, A).mul_(scale)                   # (m, r) @ (r, n) -> (m, n)
+def dense(B, A_scaled, values, indices):
+    """W = B A_scaled + S, a fresh m x n tensor (S: values scattered to their flat indices). Differentiable."""
+    W = torch.mm(B, A_scaled)                        # (m, r) @ (r, n) -> (m, n)
     W.view(-1).index_add_(0, indices, values)        # the indices are distinct: S lands on top of B A
     return W
 
 
 class SparseLowRankFunction(torch.autograd.Function):
-    """y = x W^T for W = scale B A + S. Saves x, B, A, the values and the indices, and forms W again in backward
-    (one more (m x r)(r x n) product) instead of keeping an m x n W per layer until backward."""
+    """y = x W^T for W = B A_scaled + S. Saves x, B, A_scaled, the values and the indices, and forms W again in
+    backward (one more (m x r)(r x n) product) instead of keeping an m x n W per layer until backward."""
 
     @staticmethod
-    def forward(ctx, x, B, A, values, indices, scale):
-        ctx.save_for_backward(x, B, A, values, indices)
-        ctx.scale = scale
-        return torch.nn.functional.linear(x, dense(B, A, values, indices, scale))  # W is freed on return
+    def forward(ctx, x, B, A_scaled, values, indices):
+        ctx.save_for_backward(x, B, A_scaled, values, indices)
+        return torch.nn.functional.linear(x, dense(B, A_scaled, values, indices))  # W is freed on return
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, B, A, values, indices = ctx.saved_tensors
-        s, m, n = ctx.scale, B.shape[0], A.shape[1]
+        x, B, A_scaled, values, indices = ctx.saved_tensors
+        m, n = B.shape[0], A_scaled.shape[1]
         grad_x = grad_B = grad_A = grad_values = None
         if ctx.needs_input_grad[0]:  # W is formed and freed before grad_W exists: one m x n at a time
-            grad_x = grad_y @ dense(B, A, values, indices, s)           # (.., m) @ (m, n) -> (.., n)
+            grad_x = grad_y @ dense(B, A_scaled, values, indices)        # (.., m) @ (m, n) -> (.., n)
         if any(ctx.needs_input_grad[1:4]):
             # the values need the dense gradient at their support, so grad_W is formed anyway; the factors'
             # gradients through it cost 2mnr flops, less than through x and grad_y once a batch has more than
             # mn / (m + n) tokens, and make no (tokens x r) temporaries
             grad_W = grad_y.reshape(-1, m).T @ x.reshape(-1, n)          # (m, N) @ (N, n) -> (m, n)
             if ctx.needs_input_grad[1]:
-                grad_B = (grad_W @ A.T).mul_(s)                          # (m, n) @ (n, r) -> (m, r)
-            if ctx.needs_input_grad[2]:
-                grad_A = (B.T @ grad_W).mul_(s)                          # (r, m) @ (m, n) -> (r, n)
+                grad_B = grad_W @ A_scaled.T                             # (m, n) @ (n, r) -> (m, r)
+            if ctx.needs_input_grad[2]:  # autograd's product A alpha / r takes it on to A
+                grad_A = B.T @ grad_W                                    # (r, m) @ (m, n) -> (r, n)
             if ctx.needs_input_grad[3]:
                 grad_values = grad_W.view(-1).index_select(0, indices)  # the dense gradient at the support
-        return grad_x, grad_B, grad_A, grad_values, None, None
+        return grad_x, grad_B, grad_A, grad_values, None
 
 
 class SparseLowRankLinear(torch.nn.Module):
@@ -158,7 +169,8 @@ class SparseLowRankLinear(torch.nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # cast here, so that every tensor in the Function is bf16
             dtype = torch.get_autocast_dtype(x.device.type)
             x, B, A, values = (t.to(dtype) for t in (x, B, A, values))
-        return SparseLowRankFunction.apply(x, B, A, values, self.indices, self.scale)
+        # the official order: A is scaled first (an r x n product, rounded), then W = B (A alpha / r) + S
+        return SparseLowRankFunction.apply(x, B, A * self.scale, values, self.indices)
 
 
 # --- RESTART: begin ---
@@ -187,11 +199,49 @@ def reset_optimizer_state(optimizer, params, moments):
                 state["step"].zero_()
 
 
-def recovery_factor(step, every, steps):
-    """The lr's quick recovery: resets follow steps every, 2 every, ... (counted from 1); the first step after
-    one gets 0.001 of the schedule's lr, and the factor climbs linearly back to 1 over `steps` steps."""
-    since = step % every if every and step >= every else steps
-    return 0.001 + 0.999 * since / steps if since < steps else 1.0
+def since_restart(step, every, max_steps):
+    """The one rule of when a restart happens: after 0-based steps K-1, 2K-1, ... (K = every; 0: never), but not
+    after the last step, whose recovery would never be trained. So step s is s % K steps past the latest restart
+    once K <= s < max_steps, and None before the first; the per-step hook restarts after step s when step s + 1
+    is 0 steps past one. K = 25, 100 steps: restarts after steps 24, 49 and 74, none after 99."""
+    return step % every if every and every <= step < max_steps else None
+
+
+def recovery_factor(step, every, recovery, max_steps):
+    """--lr-recovery linear: the step j steps past a restart trains at 0.001 + 0.999 j / R of the warmup + cosine
+    schedule for j < R = recovery, every other step at 1. K = 25, R = 10, 100 steps: steps 25-34, 50-59 and 75-84
+    take 0.001, 0.1009, ..., 0.9001."""
+    since = since_restart(step, every, max_steps)
+    return 0.001 + 0.999 * since / recovery if since is not None and since < recovery else 1.0
+
+
+def authors_lr(step, every, recovery, warmup, max_steps, min_ratio):
+    """--lr-recovery authors: the lr multiplier of step as Glentis et al.'s code gives it. Their scheduler
+    (cosine_quick_recovery, para_eff_pt/peft_pretraining/training_utils.py) is a LambdaLR of its count t:
+        plain(t) = t / warmup, then min_ratio + (1 - min_ratio) (1 + cos(pi (t - warmup) / (max_steps - warmup))) / 2
+        lambda(t) = plain(c + R) (0.001 + 0.999 min(1, j / (R - 1)))   t = c + j, c a multiple of K, j < R
+        lambda(t) = plain(t)                                            elsewhere
+    where their get_scheculer replaces K by max_steps unless K divides it (their restarts then get no recovery).
+    Their loop (torchrun_main_DDP.py) rebuilds the LambdaLR at each restart with last_epoch = the steps done, and
+    a LambdaLR steps once when built: step s trains at lambda(s) before the first restart and at lambda(s + 1)
+    after it. K = 25, R = 10, 100 steps: steps 0-9 ramp up to plain(10); steps 25-33 take j = 1..9 of plain(35);
+    steps 49-58 and 74-83 take j = 0..9 of plain(60) and plain(85), the old optimizer's last step at 0.001; and
+    step 99 takes 0.001 plain(110), since their loop restarts after its last step too."""
+    def plain(t):
+        if t < warmup:
+            return float(t) / float(max(1, warmup))
+        progress = float(t - warmup) / float(max(1, max_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * (0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    t = step + 1 if since_restart(step, every, max_steps) is not None else step
+    period = every if max_steps % every == 0 else max_steps
+    cycle_start = t // period * period
+    if recovery <= 0 or t - cycle_start >= recovery:
+        return plain(t)
+    target = plain(cycle_start + recovery)
+    low = target * 0.001
+    progress = min(float(t - cycle_start) / float(recovery - 1), 1.0) if recovery > 1 else 1.0
+    return low + (target - low) * progress  # their interpolation, term for term: the same float
 # --- RESTART: end ---
 
 
@@ -220,7 +270,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999)
                               weight_decay=args.weight_decay)
 reset_params = list(model.parameters())  # factors, sparse values, embedding, head and norms
 hparams = {"lr": args.lr, "rank": r, "scale": alpha, "delta": delta, "restart_every": args.restart_every,
-           "recovery_steps": recovery_steps}
+           "recovery_steps": recovery_steps, "lr_recovery": args.lr_recovery}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
@@ -245,7 +295,10 @@ for step in bar:
     lr = lr_schedule(step, args.lr, warmup_steps, max_steps, args.min_lr_ratio)
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    lr *= recovery_factor(step, reset_every, recovery_steps)  # quick recovery after each momentum reset
+    if args.lr_recovery == "authors" and reset_every:  # their scheduler replaces the warmup + cosine too
+        lr = args.lr * authors_lr(step, reset_every, recovery_steps, warmup_steps, max_steps, args.min_lr_ratio)
+    else:  # the quick recovery after each momentum reset, on the schedule every script shares
+        lr *= recovery_factor(step, reset_every, recovery_steps, max_steps)
     # --- RESTART: end ---
     # --- METHOD: end ---
     for group in optimizer.param_groups:
@@ -274,11 +327,11 @@ for step in bar:
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    if refactor_every and (step + 1) % refactor_every == 0:
+    if since_restart(step + 1, refactor_every, max_steps) == 0:  # the next step is the first past a restart
         for layer in factorized:
             refactorize(layer.B, layer.A)
         method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
-    if reset_every and (step + 1) % reset_every == 0:
+    if since_restart(step + 1, reset_every, max_steps) == 0:
         reset_optimizer_state(optimizer, reset_params, reset_moments)
         method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
     # --- RESTART: end ---

@@ -1,15 +1,19 @@
+import json
 import math
+import sys
+from functools import partial
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import (adamw_steps, assert_refactorization_keeps_the_logits, assert_resume_is_exact, definitions,
-                      nano_with, train, warmup_cosine_lr)
+from conftest import (NANO, adamw_steps, assert_refactorization_keeps_the_logits, definitions, error_of, nano_with,
+                      run, train, warmup_cosine_lr)
 from model import SIZES
 
 ns = definitions("train_lowrank_refactor.py")
 LowRankLinear, refactorize, reset_optimizer_state = ns["LowRankLinear"], ns["refactorize"], ns["reset_optimizer_state"]
+since_restart, authors_lr = ns["since_restart"], ns["authors_lr"]
 
 
 def unbalanced_factors(m=300, n=200, r=8, seed=0):
@@ -118,10 +122,11 @@ def expected_lr(step, lr, max_steps, warmup, K, R, min_ratio=0.1):
 
 
 @pytest.mark.parametrize("warmup", [2, 8])  # 8: the first restart falls inside the warmup
-def test_lr_around_each_restart_follows_the_formula(tmp_path, shakespeare, warmup):
+def test_lr_recovery_linear_follows_its_formula(tmp_path, shakespeare, warmup):
     K, R, steps = 5, 3, 19  # K does not divide the run
     _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--refactor-every", str(K),
-                      "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "1e-2")
+                      "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "1e-2",
+                      "--lr-recovery", "linear")
     assert [r["lr"] for r in log] == pytest.approx([expected_lr(s, 1e-2, steps, warmup, K, R) for s in range(steps)],
                                                    rel=1e-12)
     # the run logs each restart when it happens
@@ -152,6 +157,158 @@ def test_every_ablation_trains(tmp_path, shakespeare, refactor, reset, recovery,
     assert result["run"] == ("lowrank_restarts" if refactor or reset else "lowrank")
 
 
+# --- the authors' lr: their code, re-implemented here from OptimAI-Lab/Memory_Efficient_Pretraining @ 9f803d4
+
+
+def official_lambda(current_step, *, num_training_steps, first_warmup_steps, restart_every, recovery_steps,
+                    min_lr_ratio):
+    """_get_cosine_schedule_with_quick_recovery_lambda of para_eff_pt/peft_pretraining/training_utils.py, line by
+    line."""
+    def get_normal_lr(step):
+        if step < first_warmup_steps:
+            return float(step) / float(max(1, first_warmup_steps))
+        progress = float(step - first_warmup_steps) / float(max(1, num_training_steps - first_warmup_steps))
+        cosine_decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine_decay
+
+    if restart_every <= 0 or recovery_steps <= 0:
+        return get_normal_lr(current_step)
+    last_restart_step = (current_step // restart_every) * restart_every
+    steps_since_restart = current_step - last_restart_step
+    if steps_since_restart < recovery_steps:
+        recovery_target_lr = get_normal_lr(last_restart_step + recovery_steps)
+        recovery_start_lr = recovery_target_lr * 0.001
+        recovery_progress = float(steps_since_restart) / float(recovery_steps - 1) if recovery_steps > 1 else 1.0
+        recovery_progress = min(recovery_progress, 1.0)
+        return recovery_start_lr + (recovery_target_lr - recovery_start_lr) * recovery_progress
+    return get_normal_lr(current_step)
+
+
+def official_scheduler(optimizer, lr, steps, warmup, K, R, min_ratio, last_epoch=-1):
+    """get_scheculer(scheduler_type="cosine_quick_recovery", ...) of training_utils.py: a cycle that does not
+    divide the run becomes the whole run."""
+    if K > 0 and (K > steps or steps % K != 0):
+        K = steps
+    if last_epoch != -1:  # torchrun_main_DDP.py's restart block sets it before building the scheduler
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        official_lambda, num_training_steps=steps, first_warmup_steps=warmup, restart_every=K, recovery_steps=R,
+        min_lr_ratio=min_ratio), last_epoch)
+
+
+def official_lrs(lr, steps, warmup, K, R, min_ratio=0.1):
+    """The lr of each optimizer step as torchrun_main_DDP.py's loop drives its schedulers (a real LambdaLR), with
+    --scheduler cosine_quick_recovery and --peft_model sltrain: optimizer.step(), scheduler.step(),
+    update_step += 1, and when update_step % cycle_length == 0 a new AdamW and a scheduler built with
+    last_epoch=update_step. (Their loop then trains one step more, update step `steps`, which our runs do not.)"""
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([p], lr=lr)
+    scheduler = official_scheduler(optimizer, lr, steps, warmup, K, R, min_ratio)
+    lrs, update_step = [], 0
+    while update_step < steps:
+        lrs.append(optimizer.param_groups[0]["lr"])
+        p.grad = torch.ones(1)
+        optimizer.step()
+        scheduler.step()
+        update_step += 1
+        if update_step % K == 0:
+            optimizer = torch.optim.AdamW([p], lr=lr)
+            scheduler = official_scheduler(optimizer, lr, steps, warmup, K, R, min_ratio, last_epoch=update_step)
+    return lrs
+
+
+def test_the_reference_gives_the_numbers_of_the_issue():
+    # 60 steps, warmup 6, K 20, R 10 at lr 3e-3: the step before the second restart at 5.2e-7, and the first step
+    # after the first restart at lambda(21) = 0.112 plain(30)
+    lrs = official_lrs(3e-3, 60, 6, 20, 10)
+    plain = lambda t: 0.1 + 0.9 * (1 + math.cos(math.pi * (t - 6) / 54)) / 2  # noqa: E731
+    assert lrs[39] == pytest.approx(3e-3 * 0.001 * plain(50), rel=1e-12) and 5.2e-7 < lrs[39] < 5.3e-7
+    assert lrs[20] == pytest.approx(3e-3 * (0.001 + 0.999 / 9) * plain(30), rel=1e-12)
+    assert lrs[:3] == pytest.approx([3e-3 * plain(10) * (0.001 + 0.999 * j / 9) for j in range(3)], rel=1e-12)
+
+
+@pytest.mark.parametrize("steps,warmup,K,R", [
+    (100, 10, 25, 10),  # the worked example of the docstrings
+    (60, 6, 20, 10), (24, 8, 6, 3),  # K divides the run; below, the first restart inside the warmup
+    (23, 3, 5, 4), (100, 10, 30, 10),  # K does not divide the run: restarts without recovery
+    (30, 0, 10, 1), (30, 5, 10, 0), (20, 4, 50, 3)])  # no warmup, R = 1; R = 0; K beyond the run
+def test_authors_lr_is_the_official_schedule_at_every_step(steps, warmup, K, R):
+    ours = [3e-3 * authors_lr(s, K, R, warmup, steps, 0.1) for s in range(steps)]
+    assert ours == official_lrs(3e-3, steps, warmup, K, R)  # the same floats
+
+
+def test_the_worked_example_of_the_docstrings():
+    K, R, steps = 25, 10, 100
+    assert [s for s in range(steps) if since_restart(s + 1, K, steps) == 0] == [24, 49, 74]  # none after 99
+    assert [s for s in range(steps) if since_restart(s, K, steps) == 0] == [25, 50, 75]
+    linear = [ns["recovery_factor"](s, K, R, steps) for s in range(steps)]
+    assert [s for s in range(steps) if linear[s] < 1] == [*range(25, 35), *range(50, 60), *range(75, 85)]
+    assert linear[25:35] == pytest.approx([0.001 + 0.999 * j / R for j in range(R)], rel=1e-12)
+    # the authors': off their plain warmup + cosine (one step ahead after the first restart) on steps 0-9, 25-33,
+    # 49-58, 74-83 and 99
+    plain = lambda t: t / 10 if t < 10 else 0.1 + 0.9 * (1 + math.cos(math.pi * (t - 10) / 90)) / 2  # noqa: E731
+    authors = [authors_lr(s, K, R, 10, steps, 0.1) for s in range(steps)]
+    ahead = [plain(s + (s >= K)) for s in range(steps)]
+    assert [s for s in range(steps) if abs(authors[s] - ahead[s]) > 1e-12] == [
+        *range(0, 10), *range(25, 34), *range(49, 59), *range(74, 84), 99]
+    assert authors[:10] == pytest.approx([plain(10) * (0.001 + 0.999 * j / 9) for j in range(10)], rel=1e-12)
+    assert authors[25:34] == pytest.approx([plain(35) * (0.001 + 0.999 * j / 9) for j in range(1, 10)], rel=1e-12)
+    assert authors[49:59] == pytest.approx([plain(60) * (0.001 + 0.999 * j / 9) for j in range(10)], rel=1e-12)
+    assert authors[99] == pytest.approx(0.001 * plain(110), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps,warmup,K,R", [(24, 8, 6, 3), (23, 3, 5, 4)])  # K divides the run, or not
+def test_the_lr_of_a_run_is_the_official_code_s(tmp_path, shakespeare, steps, warmup, K, R):
+    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--refactor-every", str(K),
+                      "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "3e-3")
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    assert [r["lr"] for r in log] == official_lrs(3e-3, steps, warmup, K, R)
+    # a restart after steps K, 2K, ... (counted from 1), never after the last
+    assert [r["step"] for r in log if "resets" in r] == list(range(K, steps, K))
+    assert [r["step"] for r in log if "refactorizations" in r] == list(range(K, steps, K))
+
+
+def test_a_resume_refuses_another_lr_recovery(tmp_path, shakespeare):
+    train("train_lowrank_refactor.py", tmp_path, "--max-steps", "2", "--ckpt-every", "2")
+    _, _, proc = train("train_lowrank_refactor.py", tmp_path, "--max-steps", "4", "--resume", "--lr-recovery",
+                       "linear", check=False)
+    assert error_of(proc).startswith("error: --resume with lr_recovery linear, but ")
+
+
+# a run that dies right after writing its checkpoint at step --ckpt-every (the script, run in this process)
+CRASH = """import os, runpy, sys
+replace = os.replace
+def crash(src, dst):
+    replace(src, dst)
+    if str(dst).endswith("ckpt.pt"):
+        os._exit(3)
+os.replace = crash
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def assert_resume_after_a_crash_is_exact(script, tmp_path, *extra, steps, at):
+    """steps straight vs the same run crashing after its checkpoint at step `at`, then --resume: the same lr and
+    losses at every step, and the same validation loss. Unlike a shorter first run, the crash keeps --max-steps,
+    on which the authors' lr depends (their cycle, and the recovery of their restart after the last step)."""
+    args = [*NANO, "--max-steps", str(steps), "--ckpt-every", str(at), *extra]
+    straight, log_a, _ = train(script, tmp_path / "a", *args)
+    crashed = run([sys.executable, "-c", CRASH, script, *args, "--out-dir", str(tmp_path / "b")], check=False)
+    assert crashed.returncode == 3, crashed.stderr[-2000:]
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then the crash
+        f.write(json.dumps({"step": at + 1, "loss": 123.0}) + "\n")
+    resumed, log_b, _ = train(script, tmp_path / "b", *args, "--resume")
+    assert [(r["step"], r["lr"], r["loss"]) for r in log_b] == [(r["step"], r["lr"], r["loss"]) for r in log_a]
+    assert resumed["val_loss"] == straight["val_loss"]
+    return log_a
+
+
 def test_resume_inside_a_recovery_window_and_across_a_restart(tmp_path, shakespeare):
-    # restarts after steps 3 and 6; the checkpoint at 4 falls inside the first 2-step recovery
-    assert_resume_is_exact("train_lowrank_refactor.py", tmp_path, "--refactor-every", "3", "--recovery-steps", "2")
+    # restarts after steps 4 and 8 (counted from 1); the authors' recovery takes steps 5-6 and 8-10 (the second
+    # from the step before its restart), so the checkpoint at 5 falls inside the first, the second after it
+    log = assert_resume_after_a_crash_is_exact("train_lowrank_refactor.py", tmp_path, "--refactor-every", "4",
+                                               "--recovery-steps", "3", steps=12, at=5)
+    assert [r["step"] for r in log if "resets" in r] == [4, 8]
+    assert [r["lr"] for r in log] == official_lrs(3e-3, 12, 1, 4, 3)

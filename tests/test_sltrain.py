@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_refactorization_keeps_the_logits, assert_resume_is_exact, definitions, nano_with, train
+from conftest import assert_refactorization_keeps_the_logits, definitions, nano_with, train
 from model import BENCH_ROWS, RANKS, SIZES, Llama, compressible_matrices, estimate_bytes, method_defaults
+from test_lowrank_refactor import assert_resume_after_a_crash_is_exact, official_lrs
 
 ns = definitions("train_sltrain.py")
 SparseLowRankLinear, draw_support, dense = ns["SparseLowRankLinear"], ns["draw_support"], ns["dense"]
@@ -53,6 +54,49 @@ def test_the_layer_is_a_linear_with_the_dense_weight():
     assert_close(sl.B.grad, ref.B.grad)
     assert_close(sl.A.grad, ref.A.grad)
     assert sl.A.grad.abs().max() > 0 and sl.B.grad.abs().max() > 0
+
+
+def official_forward(x, B, A, dv, di, scaling):
+    """SpLoRaLinear.forward and sparse_linear_forward of para_eff_pt/pt_sltrain/splora_model.py (Glentis et al.'s
+    copy of SLTrain), without bias: A is scaled first, then W = B (A scaling) with S scatter-added."""
+    lora_A = A * scaling
+    W = B.mm(lora_A.to(B.dtype))
+    W.view(-1).scatter_add_(0, di.to(torch.int64), dv.to(W.dtype))
+    return F.linear(x, W)
+
+
+def official_grads(grad_y, x, B, A, dv, di, scaling):
+    """sparse_linear_backward of the same file, and autograd's step from lora_A = A scaling back to A."""
+    A_leaf = A.detach().clone().requires_grad_()
+    lora_A = A_leaf * scaling
+    W = B.mm(lora_A.detach())
+    W.view(-1).scatter_add_(0, di.to(torch.int64), dv.to(W.dtype))
+    g2d, x2d = grad_y.reshape(-1, grad_y.size(-1)), x.view(-1, x.size(-1))
+    input_grad = g2d.mm(W).view_as(x)
+    lora_A.backward(B.t().mm(g2d.t().mm(x2d)))
+    lora_B_grad = g2d.t().mm(x2d).mm(lora_A.detach().t())
+    dv_grad = g2d.t().mm(x2d).view(-1).gather(0, di.to(torch.int64))
+    return input_grad, lora_B_grad, A_leaf.grad, dv_grad
+
+
+def test_bf16_forward_and_backward_are_the_official_code_s_bit_for_bit():
+    torch.manual_seed(0)
+    m, n, r, alpha = 48, 40, 8, 24.0  # alpha / r = 3: not a power of two, so the order of the products matters
+    sl = SparseLowRankLinear(m, n, r, alpha, draw_support(m, n, int(DELTA * m * n), 0, 0)).to(torch.bfloat16)
+    with torch.no_grad():
+        sl.B.normal_(0, 0.1)
+    x = torch.randn(3, 5, n, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 5, m, dtype=torch.bfloat16)
+    y = sl(x)
+    y.backward(g)
+    B, A, dv, di = sl.B.detach(), sl.A.detach(), sl.values.detach(), sl.indices
+    assert torch.equal(y, official_forward(x.detach(), B, A, dv, di, alpha / r))
+    for ours, theirs in zip((x.grad, sl.B.grad, sl.A.grad, sl.values.grad), official_grads(g, x.detach(), B, A, dv,
+                                                                                          di, alpha / r)):
+        assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+    # the check can fail: (B A) alpha / r, the order before, rounds otherwise
+    W = (B.mm(A) * (alpha / r)).view(-1).scatter_add(0, di.long(), dv).view(m, n)
+    assert not torch.equal(F.linear(x.detach(), W), y)
 
 
 def test_init_and_support():
@@ -108,7 +152,7 @@ def test_the_graph_keeps_no_m_by_n_tensor():
     # the check can fail: a layer that multiplies by its dense W through autograd keeps W for backward
     sl, numels[:] = layers[0], []
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.linear(torch.randn(3, 7, 32, requires_grad=True), dense(sl.B, sl.A, sl.values, sl.indices, sl.scale))
+        F.linear(torch.randn(3, 7, 32, requires_grad=True), dense(sl.B, sl.A * sl.scale, sl.values, sl.indices))
     assert 32 * 32 in numels
 
 
@@ -169,12 +213,13 @@ def restarts_run(tmp_path_factory, shakespeare):
 def test_trains_and_restarts(restarts_run):
     result, log, _ = restarts_run
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
-    # each restart is logged when it happens
+    # each restart is logged when it happens; none after the last step
     assert [(r["step"], r["resets"], r["refactorizations"]) for r in log if "resets" in r] == [
-        (5, 1, 1), (10, 2, 2), (15, 3, 3), (20, 4, 4)]
+        (5, 1, 1), (10, 2, 2), (15, 3, 3)]
+    assert [r["lr"] for r in log] == official_lrs(1e-2, 20, 2, 5, 2)  # the authors' lr, warmup 10% of the steps
     assert result["run"] == "sltrain_restarts"
-    assert {k: result[k] for k in ("rank", "scale", "delta", "restart_every", "recovery_steps")} == {
-        "rank": 8, "scale": 32, "delta": 0.1, "restart_every": 5, "recovery_steps": 2}
+    assert {k: result[k] for k in ("rank", "scale", "delta", "restart_every", "recovery_steps", "lr_recovery")} == {
+        "rank": 8, "scale": 32, "delta": 0.1, "restart_every": 5, "recovery_steps": 2, "lr_recovery": "authors"}
 
 
 def test_the_support_survives_training_and_restarts_and_depends_on_the_seed(restarts_run):
@@ -202,10 +247,10 @@ def test_parameter_state_and_index_bytes_follow_the_formula(restarts_run):
 
 
 def test_resume_across_a_restart_is_exact_and_keeps_the_support(tmp_path, shakespeare):
-    # restarts after steps 3 and 6; the checkpoint at 4 falls inside the first 2-step recovery
-    assert_resume_is_exact("train_sltrain.py", tmp_path, "--restart-every", "3", "--recovery-steps", "2",
-                           "--ckpt-every", "4")
-    for run in ("a", "b"):  # straight, and resumed: both at step 8, after 2 restarts
+    # restarts after steps 4 and 8; the checkpoint at 5 falls inside the authors' recovery of the first
+    assert_resume_after_a_crash_is_exact("train_sltrain.py", tmp_path, "--restart-every", "4", "--recovery-steps",
+                                         "3", steps=12, at=5)
+    for run in ("a", "b"):  # straight, and resumed: both at step 12, after 2 restarts
         assert all(torch.equal(a, b) for a, b in zip(supports(tmp_path / run / "ckpt.pt"), drawn(0)))
 
 
