@@ -8,13 +8,24 @@ LoRA and ReLoRA for pretraining: a frozen full-rank W0 plus trainable low-rank B
 
 The method (LoRA for pretraining, Glentis et al. 2025; ReLoRA, Lialin et al., "ReLoRA: High-Rank Training Through
 Low-Rank Updates", ICLR 2024): every attention/MLP matrix is W0 + B A alpha / r, W0 (m x n) the model's own init,
-frozen; B (m x r) = 0 and A (r x n) Kaiming-uniform train with AdamW, as do the embedding, head and norms.
-    steps 1 .. N:    W0 trains full rank, B = 0 and A frozen     warm start; then W0 freezes and its state is freed
-    every K steps:   W0 <- W0 + B A alpha / r;  A <- Kaiming;  B <- 0      merge and restart (same function)
-                     M, V of B and A: the largest 1% of each by magnitude kept, the rest zeroed; t kept
-    lr_{s+j} = lr(s+j) min(1, j / R)  for the j-th step after a restart s (the switch, each merge): jagged schedule
+frozen; B (m x r) and A (r x n) train with AdamW, as do the embedding, head and norms. By default, ReLoRA as its
+authors' code (Guitaricet/relora) runs it, their two runs (full rank, then ReLoRA) in one, for S steps:
+    steps i = 0 .. N-1:  W0 trains full rank, B = 0 and A frozen;  lr_i = lr_w c(i / W, (i - W) / (S - W))
+    the switch:          W0 freezes, B A trains; a brand-new AdamW for every parameter (the second run loads
+                         the weights alone)
+    steps j = 0 .. S-N-1 after it, a warmup (W2; W if N = 0) and cosine of their own over S - N steps:
+                         lr_j = lr c(j / W2, (j - W2) / (S - N - W2)), except lr_j = lr (j - cK) / R c_end
+                         for cK <= j < cK + R (c >= 1): 0 at j = K, 2K, ..., c_end = the cosine at j = cK + R
+    after the lr-0 step j = cK:  W0 <- W0 + B A alpha / r;  A <- Kaiming;  B <- 0    merge (the function is kept)
+                         M, V of B and A: 99.9% of the entries zeroed at random (ReLoRA's reset; all of
+                         them in bf16), the step counter t kept
+    the layer:           y = W0 x + B A dropout(x) alpha / r, dropout 0.1 on the low-rank branch's input
+c(u, v) = u while u < 1 (the warmup, from 0), then min_lr_ratio + (1 - min_lr_ratio)(1 + cos(pi v)) / 2. A starts
+at 0 as in ReLoRA's code, and B = A = 0 gets no gradient: the factors first train once the first merge draws A
+(--a-init kaiming: from the switch on), while the embedding, head and norms train throughout.
 Gradients and Adam moments r(m+n) per matrix, weights mn + r(m+n): the memory LoRA saves (the warm start needs
-full-rank memory). K = N = 0 is plain LoRA, whose total update W - W0 = B A alpha / r has rank at most r.
+full-rank memory). K = N = 0 is plain LoRA as Glentis et al. (A Kaiming, no dropout, their warmup-cosine lr), whose
+total update W - W0 = B A alpha / r has rank at most r.
 """
 
 import contextlib
@@ -37,21 +48,35 @@ from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, check_val, ddp_wra
 parser, size = shared_parser(__doc__)
 # --- METHOD: begin ---
 METHOD = "relora"
-parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
+parser.add_argument("--lr", type=POSITIVE, help="peak learning rate (of the low-rank phase)")
 parser.add_argument("--rank", type=COUNT, help="r, inner dimension of B A")
 parser.add_argument("--scale", type=POSITIVE, help="alpha: the layer computes W0 x + B A x alpha / r")
 parser.add_argument("--relora-every", type=OFF_OR_COUNT, default=None,
-                    help="K: merge B A into W0 and restart the factors every K steps after the warm start "
+                    help="K: merge B A into W0 and restart the factors after steps K, 2K, ... of the low-rank phase "
                          "(0: plain LoRA; default: a quarter of the run's steps)")
 parser.add_argument("--warm-start-steps", type=OFF_OR_COUNT, default=None,
                     help="N: full-rank AdamW steps on W0 before B A trains (0: low rank from the first step; "
                          "default: a quarter of the run's steps)")
+parser.add_argument("--warm-start-lr", type=POSITIVE, default=None,
+                    help="peak lr of the warm start, whose warmup and cosine span the whole run (default: --lr / 2, "
+                         "as ReLoRA's README: 5e-4 full rank, then 1e-3)")
+parser.add_argument("--switch-warmup", type=OFF_OR_COUNT, default=None,
+                    help="W2: after the warm start, the low-rank phase's own lr warmup from 0 (default: a tenth of "
+                         "K, as the README's 500 of 5K)")
 parser.add_argument("--restart-warmup", type=OFF_OR_COUNT, default=None,
-                    help="R: after the warm start and after each merge the lr climbs from 0 back to the schedule "
-                         "over R steps (default: a fifth of the merge period, at most ReLoRA's 100)")
+                    help="R: at each merge the lr falls to 0 and climbs back over R steps (default: a fifth of K, "
+                         "at most ReLoRA's 100)")
+parser.add_argument("--prune", choices=["random", "magnitude"],
+                    help="which entries of the factors' Adam moments a merge zeroes: drawn at random (ReLoRA's "
+                         "default reset) or the smallest in magnitude")
 parser.add_argument("--prune-ratio", type=bounded(float, 0, 1),
-                    help="at each merge, zero this fraction of each of the factors' Adam moments, the smallest "
-                         "entries by magnitude")
+                    help="the fraction of each Adam moment of the factors a merge zeroes")
+parser.add_argument("--lora-dropout", type=bounded(float, 0, 1), default=None,
+                    help="dropout on the input of B A alone, not of W0 (default: ReLoRA's 0.1 if K > 0, "
+                         "else 0 as Glentis et al.'s LoRA)")
+parser.add_argument("--a-init", choices=["zero", "kaiming"], default=None,
+                    help="A as built: zero (ReLoRA's code; B = A = 0 has no gradient, so the factors train from the "
+                         "first merge on) or kaiming (LoRA's); default: zero if K > 0, else kaiming")
 
 
 def run_name(args):
@@ -87,21 +112,25 @@ model = new_model(args, device, param_dtype)
 
 
 class LoRALinear(torch.nn.Module):
-    """y = W0 x + B (A x) alpha / r. W0 (m x n) is the linear layer's own weight, frozen: no gradient, no optimizer
-    state. B (m x r) starts at 0 and A (r x n) Kaiming-uniform, U(+-1/sqrt(n)), so the layer starts as W0 x."""
+    """y = W0 x + B A dropout(x) alpha / r. W0 (m x n) is the linear layer's own weight, frozen: no gradient, no
+    optimizer state. B (m x r) starts at 0 and A (r x n) at 0 (ReLoRA's code) or Kaiming-uniform, U(+-1/sqrt(n))
+    (LoRA's), so the layer starts as W0 x. Dropout (training only) masks the input of the low-rank branch alone,
+    as ReLoRA's lora_B(lora_A(lora_dropout(x))): W0 x always sees all of x."""
 
-    def __init__(self, weight, r, alpha):
+    def __init__(self, weight, r, alpha, dropout=0.0, a_init="kaiming"):
         super().__init__()
         m, n = weight.shape
-        self.scale = alpha / r
+        self.scale, self.dropout = alpha / r, dropout
         self.W0 = torch.nn.Parameter(weight.detach(), requires_grad=False)
         self.B = torch.nn.Parameter(torch.zeros(m, r))
-        self.A = torch.nn.Parameter(torch.empty(r, n))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's default init, as LoRA and ReLoRA
+        self.A = torch.nn.Parameter(torch.zeros(r, n))
+        if a_init == "kaiming":
+            torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's default init, as LoRA and ReLoRA
 
     def forward(self, x):
         linear = torch.nn.functional.linear
-        return linear(x, self.W0) + linear(linear(x, self.A) * self.scale, self.B)
+        h = torch.nn.functional.dropout(x, self.dropout, self.training)
+        return linear(x, self.W0) + linear(linear(h, self.A) * self.scale, self.B)
 
     @torch.no_grad()
     def merge_and_reinit(self, generator):
@@ -114,18 +143,24 @@ class LoRALinear(torch.nn.Module):
 
 
 @torch.no_grad()
-def prune_state(optimizer, params, ratio):
-    """ReLoRA's partial optimizer reset: in each Adam moment (exp_avg, exp_avg_sq) of each parameter, the
-    round(ratio n) entries smallest in magnitude are zeroed and the other n - round(ratio n) kept. The step
-    counter is kept, as ReLoRA does: the bias correction stays ~1, so the kept entries act as before, and a zeroed
-    entry's next update is (1 - b1) / sqrt(1 - b2) = 3.2 times Adam's usual step, which the lr re-warm tempers."""
+def prune_state(optimizer, params, mode, ratio, generator):
+    """ReLoRA's partial optimizer reset (training_utils.optimizer_reset) of each Adam moment (exp_avg, exp_avg_sq)
+    of each parameter. The step counter is kept, as ReLoRA does: the bias correction stays ~1, so a zeroed entry's
+    next update is (1 - b1) / sqrt(1 - b2) = 3.2 times Adam's usual step, which the lr re-warm tempers.
+    random: an entry is kept where a uniform draw in the moment's dtype exceeds `ratio` (ReLoRA: rand_like(t) >
+    ratio). Ours comes from `generator`, seeded by (seed, step) and drawn on the CPU, so a resume and every DDP
+    process draw the same; ReLoRA draws from the global RNG. In bf16 no draw exceeds 0.999 (the largest is 1 - 2^-8
+    and 0.999 rounds to 1), so there ReLoRA's default reset, 0.999, zeroes every entry.
+    magnitude: an entry is kept where |t| exceeds the `ratio` quantile of |t|, taken in fp32 and rounded to the
+    moment's dtype, as ReLoRA: entries tied at the threshold (frequent in bf16) are zeroed too."""
     for p in params:
         state = optimizer.state.get(p, {})  # none before the factor's first step
         for t in (state[moment] for moment in ("exp_avg", "exp_avg_sq") if moment in state):
-            keep = t.numel() - round(ratio * t.numel())
-            mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-            mask[t.abs().flatten().topk(keep).indices] = True
-            t.masked_fill_(~mask.view_as(t), 0)
+            if mode == "random":
+                keep = torch.rand(t.shape, dtype=t.dtype, generator=generator).to(t.device) > ratio
+            else:
+                keep = t.abs() > torch.quantile(t.abs().flatten().float(), ratio).to(t.dtype)
+            t.mul_(keep)
 
 
 def set_phase(layers, optimizer, lora):
@@ -139,27 +174,60 @@ def set_phase(layers, optimizer, lora):
             optimizer.state.pop(layer.W0, None)
 
 
-def restart_factor(step, warm_start, every, warmup):
-    """The jagged schedule: restarts follow `warm_start` steps (if any) and every `every` steps after it; the lr
-    falls to 0 at each and climbs back linearly, the j-th step after it getting j / warmup of the schedule's lr."""
-    first = warm_start or every  # the first restart: the switch to low rank, else the first merge
-    if not (first and warmup) or step < first:
-        return 1.0  # before it, the global warmup is the only one
-    since = (step - warm_start) % every if every else step - warm_start
-    return min(1.0, (since + 1) / warmup)
+def restarts_lr(i, steps, warmup, every, restart_warmup):
+    """The lr multiplier of step i (from 0) of a run of `steps`: ReLoRA's cosine_restarts scheduler
+    (training_utils.get_cosine_schedule_with_multiple_warmups). A linear warmup from 0 and a cosine down to
+    min_lr_ratio at the end; from step `every` on, every `every` steps the lr falls to 0 and climbs linearly over
+    `restart_warmup` steps to the value the cosine has at the end of the climb, then follows the cosine again.
+    every = 0: no restarts, ReLoRA's plain cosine scheduler over the whole run."""
+    def cosine(i):
+        progress = (i - warmup) / max(1, steps - warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if i < warmup:
+        return i / warmup
+    since = i % every if every else i
+    if every and i >= every and since < restart_warmup:
+        return since / restart_warmup * cosine(i - since + restart_warmup)
+    return cosine(i)
+
+
+def relora_lr(step):
+    """The lr of a ReLoRA step, the authors' two runs in one. The warm start is their full-rank run: a schedule over
+    the whole run, stopped after N steps. The low-rank phase is their ReLoRA run, whose scheduler starts afresh
+    over the remaining steps with its own warmup (the whole run's, if there is no warm start)."""
+    if step < warm_start:
+        return warm_start_lr * restarts_lr(step, max_steps, warmup_steps, 0, 0)
+    return args.lr * restarts_lr(step - warm_start, max_steps - warm_start, switch_warmup if warm_start else
+                                 warmup_steps, relora_every, restart_warmup)
+
+
+def seed_dropout(module, inputs):
+    """Dropout draws from the global RNG: seed it for each training micro-batch from that micro-batch's `seed` (the
+    training loop's, set before the forward), so that a resumed run draws the same masks and N processes draw what
+    one process accumulating N micro-batches would. 2**63 + keeps it apart from the batch's own draw."""
+    if module.training:
+        torch.manual_seed(2**63 + seed)
 
 
 r, alpha = args.rank, args.scale
 if r >= min(cfg.n_embd, cfg.n_ff):
     sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
-# ReLoRA's 250M run: a quarter of the steps full rank, then a merge every quarter
+# ReLoRA's README 250M run: a quarter of the steps full rank, then a merge every quarter, a warmup of a tenth of it
 relora_every = max_steps // 4 if args.relora_every is None else args.relora_every
 warm_start = max_steps // 4 if args.warm_start_steps is None else args.warm_start_steps
 restart_warmup = min(100, relora_every // 5) if args.restart_warmup is None else args.restart_warmup
+switch_warmup = (relora_every or max_steps - warm_start) // 10 if args.switch_warmup is None else args.switch_warmup
+warm_start_lr = args.warm_start_lr or args.lr / 2  # the README: "we use a larger LR during the ReLoRA stage"
+# ReLoRA's script hard-codes dropout 0.1 and zeroes A; plain LoRA is Glentis et al.'s (no dropout, A Kaiming)
+dropout = (0.1 if relora_every else 0.0) if args.lora_dropout is None else args.lora_dropout
+a_init = args.a_init or ("zero" if relora_every else "kaiming")
 if relora_every and restart_warmup >= relora_every:
     sys.exit(f"error: --restart-warmup {restart_warmup} must be below --relora-every {relora_every}")
-if master and relora_every and warm_start + relora_every > max_steps:
-    print(f"warning: --warm-start-steps {warm_start} + --relora-every {relora_every} is beyond the run's "
+low_warmup = ("--switch-warmup", switch_warmup) if warm_start else ("--warmup-steps", warmup_steps)
+if relora_every and low_warmup[1] > relora_every:  # ReLoRA's scheduler asserts it: the first merge ends the warmup
+    sys.exit(f"error: {low_warmup[0]} {low_warmup[1]} must be at most --relora-every {relora_every}")
+if master and relora_every and warm_start + relora_every >= max_steps:
+    print(f"warning: --warm-start-steps {warm_start} + --relora-every {relora_every} is not below the run's "
           f"{max_steps} steps: no merge will happen", file=sys.stderr)
 if master and warm_start:  # the estimate printed below is the low-rank phase's
     full, low = estimate_bytes(args.size, "full", precision), estimate_bytes(args.size, METHOD, precision, {"rank": r})
@@ -169,15 +237,18 @@ if master and warm_start:  # the estimate printed below is the low-rank phase's
 layers = []
 for name, linear in compressible_matrices(model):
     parent, child = name.rsplit(".", 1)
-    layers.append(LoRALinear(linear.weight, r, alpha).to(device, param_dtype))  # W0 is already there
+    layers.append(LoRALinear(linear.weight, r, alpha, dropout, a_init).to(device, param_dtype))  # W0 is already there
     setattr(model.get_submodule(parent), child, layers[-1])
+if dropout:
+    model.register_forward_pre_hook(seed_dropout)
 # one AdamW over every parameter: a frozen one gets no gradient, so AdamW skips it and keeps no state for it
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
 factors = [p for layer in layers for p in (layer.B, layer.A)]
 lora_phase = True  # as built: W0 frozen; the loop sets the phase of each step (warm start: W0 trains instead)
 hparams = {"lr": args.lr, "rank": r, "scale": alpha, "relora_every": relora_every, "warm_start_steps": warm_start,
-           "restart_warmup": restart_warmup, "prune_ratio": args.prune_ratio}
+           "warm_start_lr": warm_start_lr, "switch_warmup": switch_warmup, "restart_warmup": restart_warmup,
+           "prune": args.prune, "prune_ratio": args.prune_ratio, "lora_dropout": dropout, "a_init": a_init}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
@@ -204,9 +275,12 @@ for step in bar:
     if (step >= warm_start) != lora_phase:  # a pure function of the step, so a resume lands in the right phase
         lora_phase = step >= warm_start
         set_phase(layers, optimizer, lora_phase)
+        if lora_phase:  # the authors' ReLoRA run loads the warm-started weights alone: a brand-new AdamW for all
+            optimizer.state.clear()
         if ddp:  # DDP all-reduces the parameters that required grad when it was built: wrap the model anew
             model = ddp_wrap(model.module, device, device_type)
-    lr *= restart_factor(step, warm_start, relora_every, restart_warmup)  # the jagged schedule
+    if relora_every or warm_start:  # ReLoRA's schedules; plain LoRA keeps the benchmark's warmup-cosine
+        lr = relora_lr(step)
     # --- METHOD: end ---
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -233,11 +307,12 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
-    if relora_every and step + 1 > warm_start and (step + 1 - warm_start) % relora_every == 0:
+    since = step - warm_start  # the low-rank steps before this one
+    if relora_every and since >= relora_every and since % relora_every == 0:  # after the lr-0 step, as ReLoRA
         generator = torch.Generator().manual_seed(args.seed * 10**9 + step + 1)  # the same on every rank and resume
         for layer in layers:
             layer.merge_and_reinit(generator)
-        prune_state(optimizer, factors, args.prune_ratio)
+        prune_state(optimizer, factors, args.prune, args.prune_ratio, generator)
         method_log["merges"] = stats["merges"] = stats.get("merges", 0) + 1
     # --- METHOD: end ---
     # everything below is diagnostics: the loss, divergence, timing, evaluation, the log, checkpoints
