@@ -6,12 +6,15 @@ Fira: GaLore's low-rank Adam step plus the gradient's full-rank residual, scaled
     torchrun --nproc_per_node=4 train_fira.py --size 1b --dataset c4
 
 The method (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
-Constraint?"), for each attention/MLP matrix W (m x n, m >= n; the wide case mirrors it), G_t, Q, R_t
-and the moments as in GaLore (train_galore.py), N_t = M_t / (sqrt(V_t) + eps):
-    phi_i = ||N_t[i, :]|| / ||R_t[i, :]||                          norm-based scaling, one factor per row
+Constraint?") as fira 1.0.2 computes it, for each attention/MLP matrix W (m x n, m >= n; the wide case
+mirrors it): G_t, Q, R_t, the moments and N_t = M_t / (sqrt(V_t) + eps) as in GaLore (train_galore.py), then
+    phi_i = ||N_t[i, :]|| / (||R_t[i, :]|| + 1e-8)                 norm-based scaling, one factor per row
     S_t = phi * (G_t - alpha R_t Q)                                residual outside Adam's view, rescaled
-    if ||S_t|| > gamma ||S_{t-1}||:  S_t *= gamma ||S_{t-1}|| / ||S_t||   norm-growth limiter, gamma 1.01
-    W_t = W_{t-1} - lr_t (alpha N_t Q + S_t)
+    rho = ||S_t|| / (||S_{t-1}|| + 1e-8);  if rho >= gamma: S_t /= rho / gamma     norm-growth limiter
+    W'  = W_{t-1} - lr_t (sqrt(1 - b2^t) / (1 - b1^t)) (alpha N_t Q + S_t)
+    W_t = W' - lr_t wd W'                                          decoupled decay, after the update
+gamma is 1.01: the residual's norm grows at most 1% a step. ||S_{t-1}|| is the norm after limiting; the first
+step is not limited. --paper-residual uses the paper's Alg. 1 instead: alpha (N_t Q + phi (G_t - R_t Q)).
 Same optimizer memory as GaLore plus one scalar per matrix; the update is full rank again. --projector
 as in GaLore (train_galore.py): the exact SVD, or a cheaper approximation checked against it.
 """
@@ -148,6 +151,7 @@ class FiraAdamW(torch.optim.Optimizer):
     R (m x r) or per column of a wide R (r x n); the residual is G - alpha P R (alpha is not applied to it,
     so it keeps (1 - alpha) of the in-subspace gradient); the limiter stores the norm after limiting,
     never resets, and skips the first step. The paper's Alg. 1 instead uses G - P R and alpha on both terms.
+    As GaLoreAdamW, bit-identical to the official optimizer in fp32 and in bf16 (tested).
     """
 
     gamma = 1.01  # norm-growth limiter: the residual's norm grows at most 1% per step
@@ -195,7 +199,11 @@ class FiraAdamW(torch.optim.Optimizer):
             S = phi * (G - back(R) if group["paper_residual"] else G - alpha * back(R))
             S_norm = S.norm()
             if "residual_norm" in state:  # norm-growth limiter (Fira Sec. 4.3), not on the first step
-                limit = torch.clamp(S_norm / (state["residual_norm"] + 1e-8), min=self.gamma) / self.gamma
+                # fira 1.0.2's max(ratio, gamma) / gamma: compared in S's dtype (in bf16 gamma rounds to 1.0078),
+                # and exactly 1 below it, where clamp(ratio, min=gamma) / gamma would round 1.01 / 1.01 to 0.996
+                # in bf16 and grow the residual by 0.4% at every such step
+                ratio = S_norm / (state["residual_norm"] + 1e-8)
+                limit = torch.where(ratio < self.gamma, 1.0, ratio / self.gamma)
                 S, S_norm = S / limit, S_norm / limit
             state["residual_norm"] = S_norm
             N = alpha * (back(N) + S) if group["paper_residual"] else alpha * back(N) + S

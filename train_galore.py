@@ -7,12 +7,17 @@ GaLore: full-rank weights, Adam moments kept in a rank-r projection of each matr
     torchrun --nproc_per_node=4 train_galore.py --size 350m --dataset c4
 
 The method (Zhao et al. 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-Alg. 1), for each attention/MLP matrix W (m x n, m >= n; the wide case mirrors it) with gradient G_t:
-    every T steps:  U, S, V^T = svd(G_t);  Q = V^T[:r]                       projector, r x n
+Alg. 1) as galore-torch 1.0 computes it, for each attention/MLP matrix W (m x n, m >= n; the wide case
+mirrors it) with gradient G_t at its step t = 1, 2, ...:
+    at t = 1, T+1, 2T+1, ...:  U, S, V^T = svd(G_t);  Q = V^T[:r]           projector, r x n (an fp32 SVD)
     R_t = G_t Q^T                                                           projected gradient, m x r
-    M_t, V_t = Adam moments of R_t                                          states 2 m r instead of 2 m n
-    W_t = W_{t-1} - lr_t alpha (M_t / (sqrt(V_t) + eps)) Q                  back to m x n, scaled by alpha
-Embedding, head and norms use plain AdamW. The weights stay full rank: only the optimizer state shrinks.
+    M_t = b1 M_{t-1} + (1 - b1) R_t;  V_t = b2 V_{t-1} + (1 - b2) R_t^2       states 2 m r instead of 2 m n
+    N_t = M_t / (sqrt(V_t) + eps)                                           Adam's direction, eps 1e-6
+    W'  = W_{t-1} - lr_t (sqrt(1 - b2^t) / (1 - b1^t)) (N_t Q) alpha         back to m x n, scaled by alpha
+    W_t = W' - lr_t wd W'                                                   decoupled decay, after the update
+The moments are kept when Q changes (--reset-moments restarts M, V and t instead). Embedding, head and norms
+take the same step with R_t = G_t and no Q (AdamW, with the bias correction and the decay as above).
+The weights stay full rank: only the optimizer state shrinks.
 --projector subspace (one warm-started subspace iteration) or randomized (a randomized SVD) replace the
 full SVD by a cheaper approximation, checked against the captured energy and replaced by the SVD when poor.
 """
@@ -46,8 +51,11 @@ parser.add_argument("--proj-type", default="std", choices=["std", "left", "right
 parser.add_argument("--reset-moments", action="store_true",
                     help="restart Adam on a matrix when its projector changes (the official code keeps the moments)")
 parser.add_argument("--per-layer", action="store_true",
-                    help="step each parameter inside backward (one full gradient alive at a time); "
-                         "no gradient accumulation, no clipping, no DDP")
+                    help="step each parameter inside backward (one full gradient alive at a time); no gradient "
+                         "accumulation, no DDP, no clipping (--grad-clip defaults to 0 with it; grad_norm is logged)")
+pre.add_argument("--per-layer", action="store_true")
+if pre.parse_known_args()[0].per_layer:  # each parameter steps before the global norm is known: nothing to clip
+    parser.set_defaults(grad_clip=0.0)
 parser.add_argument("--projector", default="svd", choices=["svd", "subspace", "randomized"],
                     help="how a refresh finds the top-r subspace: the exact SVD (official), one warm-started "
                          "subspace iteration, or a randomized SVD (both fall back to the SVD when poor)")
@@ -151,8 +159,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     Follows galore-torch 1.0 step by step: the projector comes from the SVD of the current gradient at
     steps 0, T, 2T, ... (counted per matrix); the moments are kept when it changes; the bias correction
-    is folded into the step size; weight decay comes after the update; eps is 1e-6. The state holds
-    only tensors and numbers (the official projector object does not load with weights_only=True).
+    is folded into the step size; weight decay comes after the update; eps is 1e-6. The operations run in
+    the official order and dtype, so the weights are bit-identical to its in fp32 and in bf16 (tested). The
+    state holds only tensors and numbers (the official projector object does not load with weights_only=True).
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
@@ -195,8 +204,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1 - beta2)
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
         N = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])  # Adam's direction, low rank
-        if "rank" in group:  # back to (m, n); alpha joins the step size (one pass over W fewer)
-            p.add_(N @ P if side == "right" else P @ N, alpha=-step_size * group["scale"])
+        if "rank" in group:  # back to (m, n), then alpha: the official order, which rounds the same in bf16
+            p.add_((N @ P if side == "right" else P @ N) * group["scale"], alpha=-step_size)
         else:
             p.add_(N, alpha=-step_size)
         if group["weight_decay"] > 0:
@@ -217,18 +226,24 @@ optimizer = GaLoreAdamW(
     lr=args.lr, weight_decay=args.weight_decay)
 hparams = {"lr": args.lr, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
            "proj_type": args.proj_type, "reset_moments": args.reset_moments, "per_layer": args.per_layer,
-           "projector": args.projector}
+           "grad_clip": args.grad_clip, "projector": args.projector}
 
 if args.per_layer:
     # GaLore Sec. 4.3: update each parameter as soon as its gradient is complete and free that gradient,
-    # so the full gradients are never all alive at once. The global gradient norm is never known (no
-    # clipping: the loop's clip finds no gradients) and each backward is a step (no accumulation).
+    # so the full gradients are never all alive at once. The global gradient norm is known only after the
+    # last parameter has stepped (no clipping, as in the official per-layer GaLore), and each backward is a
+    # step (no accumulation).
     if ddp or accum > 1:
         sys.exit(f"error: --per-layer steps inside backward: it works with neither DDP nor gradient accumulation "
                  f"(here {accum}: give --global-batch equal to --batch-size)")
+    if args.grad_clip > 0:
+        sys.exit(f"error: --per-layer steps each parameter before the global gradient norm is known, so it cannot "
+                 f"clip (--grad-clip {args.grad_clip}: give --grad-clip 0, its default with --per-layer)")
     group_index = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    grad_norms = []  # each gradient's norm, taken before its hook frees it: the loop's clip would find none
 
     def step_in_backward(p):
+        grad_norms.append(torch.linalg.vector_norm(p.grad))
         # look the group up now: load_state_dict (resume) replaces the group dicts
         optimizer.step_param(p, optimizer.param_groups[group_index[p]])
         p.grad = None
@@ -283,6 +298,9 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
+    if args.per_layer:  # the global norm of the gradients the hooks stepped, as clip_grad_norm_ computes it
+        grad_norm = torch.linalg.vector_norm(torch.stack(grad_norms))
+        grad_norms.clear()
     # --- PROJECTOR: begin ---
     if optimizer.refreshes:  # this step recomputed the projectors: count it, and log how good they are
         method_log["refreshes"] = stats["refreshes"] = stats.get("refreshes", 0) + 1

@@ -1,8 +1,8 @@
+import pytest
 import torch
 
 from conftest import assert_resume_is_exact, definitions, train
-from test_galore import (assert_same_bf16_update, assert_same_weights, bf16_params_and_grads, galore, params_and_grads,
-                         run_optimizer)
+from test_galore import assert_same_bits, assert_same_weights, each_seed, galore, params_and_grads, run_optimizer
 
 FiraAdamW = definitions("train_fira.py")["FiraAdamW"]
 
@@ -13,25 +13,31 @@ def fira(params, rank=4, T=3, scale=0.25, paper_residual=False, weight_decay=0.1
                        "paper_residual": paper_residual, "projector": "svd"}], lr=1e-2, weight_decay=weight_decay)
 
 
-def test_matches_official_fira(official):
-    fira_pkg = official("fira")
-    params, grads = params_and_grads(steps=7)  # refreshes at 0, 3, 6; the limiter acts from step 2
-    ours, opt = run_optimizer(fira, params, grads)
-    ref, _ = run_optimizer(lambda ps: fira_pkg.FiraAdamW(
-        [{"params": ps[2:]}, {"params": ps[:2], "rank": 4, "update_proj_gap": 3, "alpha": 0.25, "proj_type": "std"}],
-        lr=1e-2, weight_decay=0.1, no_deprecation_warning=True), params, grads)
-    assert_same_weights(ours, ref)
-    assert opt.state[ours[0]]["residual_norm"].dim() == 0  # one scalar of extra state per matrix
+def official_fira(fira_pkg, scale=0.25):
+    return lambda ps: fira_pkg.FiraAdamW(
+        [{"params": ps[2:]}, {"params": ps[:2], "rank": 4, "update_proj_gap": 3, "alpha": scale, "proj_type": "std"}],
+        lr=1e-2, weight_decay=0.1, no_deprecation_warning=True)
 
 
-def test_matches_official_fira_in_bf16(official):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [0.25, 0.3])  # multiplying by 0.25 is exact, by 0.3 it rounds
+def test_bit_identical_to_official_fira(official, dtype, scale):
     fira_pkg = official("fira")
-    params, grads = bf16_params_and_grads()
-    ours, _ = run_optimizer(fira, params, grads)
-    ref, _ = run_optimizer(lambda ps: fira_pkg.FiraAdamW(
-        [{"params": ps[2:]}, {"params": ps[:2], "rank": 4, "update_proj_gap": 3, "alpha": 0.25, "proj_type": "std"}],
-        lr=1e-2, weight_decay=0.1, no_deprecation_warning=True), params, grads)
-    assert_same_bf16_update(ours, ref, params)
+    for params, grads in each_seed(dtype):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt, norms = fira(ps, scale=scale), []
+        for step_grads in grads:
+            for p, grad in zip(ps, step_grads):
+                p.grad = grad.clone()
+            opt.step()
+            norms.append(opt.state[ps[0]]["residual_norm"].item())
+        ref, _ = run_optimizer(official_fira(fira_pkg, scale), params, grads)
+        assert_same_bits(ps, ref, params)
+        # both branches of the limiter ran: steps where the residual's norm grew (the limiter caps it at 1%)
+        # and where it shrank (left alone; the old clamp divided them by 0.996 in bf16)
+        changes = [cur / prev for prev, cur in zip(norms, norms[1:])]
+        assert sum(c > 1.005 for c in changes) >= 10 and sum(c < 1 for c in changes) >= 5, changes
+        assert opt.state[ps[0]]["residual_norm"].dim() == 0  # one scalar of extra state per matrix
 
 
 def test_rank_r_gradients_leave_no_residual_so_fira_is_galore():
