@@ -207,9 +207,9 @@ METHODS = {
     "fira": {"script": "train_fira.py", "lr": 1e-2, "rank": RANKS, "update_proj_gap": PERIOD,
              "scale": {"1b": 0.0625, "7b": 0.0625, "*": 0.25}},
     "lowrank": {"script": "train_lowrank_refactor.py", "lr": {"1b": 5e-3, "7b": 5e-3, "*": 3e-3}, "rank": RANKS,
-                "scale": ALPHA, "refactor_every": PERIOD, "recovery_steps": 10},
+                "alpha": ALPHA, "restart_every": PERIOD, "recovery_steps": 10},
     "sltrain": {"script": "train_sltrain.py", "lr": {"1b": 5e-3, "7b": 5e-3, "*": 3e-3}, "rank": RANKS,
-                "scale": ALPHA, "delta": 0.1, "restart_every": PERIOD, "recovery_steps": 10},
+                "alpha": ALPHA, "delta": 0.1, "restart_every": PERIOD, "recovery_steps": 10},
     # LoRA / ReLoRA. lr, rank, alpha: Glentis et al.'s LoRA row at 60m (lr 0.0015, r 128, alpha 32), the ranks and
     # alphas of the other low-rank rows elsewhere (lr 0.0015 above 60m is ours). ReLoRA (Lialin et al., ICLR 2024,
     # and its repo guitaricet/relora): at each merge its README's 250M run resets the factors' Adam moments
@@ -218,7 +218,7 @@ METHODS = {
     # length: a warm start and a merge period of a quarter of the steps each (the README's 250M run: 5K full-rank
     # steps, then a merge every 5K, of 20K), a re-warm of a fifth of the period, at most 100 steps (paper, Fig. 2:
     # 50-100; 100 in the README), and after the warm start a warmup of a tenth of the period (the README's 500).
-    "relora": {"script": "train_relora.py", "lr": 1.5e-3, "rank": RANKS, "scale": ALPHA, "prune": "random",
+    "relora": {"script": "train_relora.py", "lr": 1.5e-3, "rank": RANKS, "alpha": ALPHA, "prune": "random",
                "prune_ratio": 0.999},
 }
 
@@ -227,7 +227,7 @@ BENCH_ROWS = {
     "full": ("full", {}),
     "galore": ("galore", {}),
     "fira": ("fira", {}),
-    "lowrank": ("lowrank", {"lr": 1.5e-3, "refactor_every": 0, "momentum_reset_every": 0, "recovery_steps": 0}),
+    "lowrank": ("lowrank", {"lr": 1.5e-3, "restart_every": 0, "recovery_steps": 0}),
     "lowrank_restarts": ("lowrank", {}),
     "sltrain": ("sltrain", {"restart_every": 0, "recovery_steps": 0, "delta": 0.03}),
     "sltrain_restarts": ("sltrain", {}),

@@ -30,17 +30,20 @@ from model import (RECIPES, SEQ_LEN, Llama, estimate_bytes, get_config, memory_r
 # flags
 
 
-def bounded(cast, low, high=math.inf, open_low=False):
-    """An argparse type: a finite number in [low, high] (or (low, high]), else a one-line error."""
+def bounded(cast, low, high=math.inf, open_low=False, open_high=False):
+    """An argparse type: a finite number between low and high (each bound included unless open), else a one-line
+    error."""
     def parse(text):
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {cast.__name__}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
-            bound = f"> {low}" if open_low else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
-                                             + f", got {text}")
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (math.isfinite(value) and above and below):
+            bound = (f"> {low}" if open_low else f">= {low}") + (
+                "" if high == math.inf else f" and {'<' if open_high else '<='} {high}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
 
@@ -242,9 +245,10 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
 
 
 def lr_schedule(step, lr, warmup_steps, max_steps, min_lr_ratio):
-    """Linear warmup, then cosine decay to min_lr_ratio * lr (the benchmark papers' schedule)."""
+    """Linear warmup from 0 (the first step trains at lr 0, as the benchmark papers' released schedulers do), then
+    cosine decay to min_lr_ratio * lr: the papers' schedule."""
     if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+        return lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 

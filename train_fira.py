@@ -7,14 +7,14 @@ Fira: GaLore's low-rank Adam step plus the gradient's full-rank residual, scaled
 
 The method (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
 Constraint?") as fira 1.0.2 computes it, for each attention/MLP matrix W (m x n, m >= n; the wide case
-mirrors it): G_t, Q, R_t, the moments and N_t = M_t / (sqrt(V_t) + eps) as in GaLore (train_galore.py), then
+mirrors it): G_t, P, R_t, the moments and N_t = M_t / (sqrt(V_t) + eps) as in GaLore (train_galore.py), then
     phi_i = ||N_t[i, :]|| / (||R_t[i, :]|| + 1e-8)                 norm-based scaling, one factor per row
-    S_t = phi * (G_t - alpha R_t Q)                                residual outside Adam's view, rescaled
+    S_t = phi * (G_t - alpha R_t P)                                residual outside Adam's view, rescaled
     rho = ||S_t|| / (||S_{t-1}|| + 1e-8);  if rho >= gamma: S_t /= rho / gamma     norm-growth limiter
-    W'  = W_{t-1} - lr_t (sqrt(1 - b2^t) / (1 - b1^t)) (alpha N_t Q + S_t)
+    W'  = W_{t-1} - lr_t (sqrt(1 - b2^t) / (1 - b1^t)) (alpha N_t P + S_t)
     W_t = W' - lr_t wd W'                                          decoupled decay, after the update
 gamma is 1.01: the residual's norm grows at most 1% a step. ||S_{t-1}|| is the norm after limiting; the first
-step is not limited. --paper-residual uses the paper's Alg. 1 instead: alpha (N_t Q + phi (G_t - R_t Q)).
+step is not limited. --paper-residual uses the paper's Alg. 1 instead: alpha (N_t P + phi (G_t - R_t P)).
 Same optimizer memory as GaLore plus one scalar per matrix; the update is full rank again. --projector
 as in GaLore (train_galore.py): the exact SVD, or a cheaper approximation checked against it.
 """
@@ -49,8 +49,6 @@ parser.add_argument("--paper-residual", action="store_true",
 parser.add_argument("--projector", default="svd", choices=["svd", "subspace", "randomized"],
                     help="how a refresh finds the top-r subspace: the exact SVD (official), one warm-started "
                          "subspace iteration, or a randomized SVD (both fall back to the SVD when poor)")
-
-
 # --- METHOD: end ---
 args = parse_args(parser, METHOD, size)
 
@@ -79,69 +77,6 @@ model = new_model(args, device, param_dtype)
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
 # the method: Fira (Chen et al. 2024) as the official fira 1.0.2 implements it
-
-
-# --- PROJECTOR: begin ---
-# The projector of a matrix's gradient G (m x n): side "right" (m >= n) keeps P = V^T[:r] (r x n), R = G P^T;
-# side "left" keeps P = U[:, :r] (m x r), R = P^T G. Computed in fp32, stored in G's dtype. Three ways:
-
-
-def svd_projector(G, r, side):
-    """Exact (the papers' and the official code's): the top-r singular vectors of a full SVD of G."""
-    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-    return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
-
-
-def subspace_projector(G, r, side, P_old):
-    """One step of subspace iteration on G^T G, warm-started from the previous projector: three m x n x r
-    matmuls, a QR and an r x r eigh instead of a full SVD. Each step shrinks direction i's error by about
-    (sigma_{r+1} / sigma_i)^2, so on the steep spectra of real gradients one step captures nearly everything."""
-    A = G.float() if side == "right" else G.float().T        # the left side of G is the right side of G^T
-    X = P_old.float() if side == "right" else P_old.float().T  # (r, n), orthonormal rows
-    Q = torch.linalg.qr(A.T @ (A @ X.T)).Q                     # (n, r): orth(A^T A X^T)
-    # Rayleigh-Ritz: turn the basis of span(Q) onto approximate singular vectors, largest first, as the SVD's.
-    # The span is the same, but Adam works per coordinate: an arbitrary basis would change the update.
-    _, W = torch.linalg.eigh((A @ Q).T @ (A @ Q))             # (r, r), eigenvalues ascending
-    P = (Q @ W.flip(1)).T
-    return (P if side == "right" else P.T).to(G.dtype)
-
-
-def randomized_projector(G, r, side, seed):
-    """Randomized SVD (Halko et al. 2011, torch.svd_lowrank, 2 power iterations) with 16 extra columns, which
-    raise its overlap with the exact subspace from 0.96 to 0.99 on 60m gradients. Seeded by the step, so a
-    resumed run and every DDP process draw the same sketch."""
-    with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):
-        torch.manual_seed(seed)
-        U, _, V = torch.svd_lowrank(G.float(), q=min(r + 16, *G.shape), niter=2)
-    return (U[:, :r] if side == "left" else V[:, :r].T).to(G.dtype)
-
-
-def captured_share(G, P, side):
-    """||projected G||^2 / ||G||^2: the share of G's energy inside the projector's span."""
-    R = G.float() @ P.float().T if side == "right" else P.float().T @ G.float()
-    return (R.square().sum() / G.float().square().sum().clamp_min(1e-30)).item()
-
-
-def refresh_projector(G, r, side, state, method, step):
-    """A new projector in state["P"]; returns (captured energy, whether the exact SVD ran). The captured energy,
-    ||P^T G||^2 / (sum of the top-r sigma^2), needs the SVD the cheap projectors avoid, so each SVD keeps
-    rho = (sum of the top-r sigma^2) / ||G||^2 and a cheap projector is judged by share / rho, which assumes
-    the top-r share has not moved since. Below 0.9, the exact SVD replaces it: on real 60m gradients the
-    estimate never fell below 0.93 (the exact value below 0.986), and a stale rho errs low (rho falls as
-    training goes on), so a false alarm costs one SVD and never hides a poor projector."""
-    if method != "svd" and "P" in state:
-        if method == "subspace":
-            P = subspace_projector(G, r, side, state["P"])
-        else:
-            P = randomized_projector(G, r, side, step)
-        captured = captured_share(G, P, side) / max(state["rho"], 1e-30)
-        if captured >= 0.9:
-            state["P"] = P
-            return captured, False
-    state["P"] = svd_projector(G, r, side)
-    state["rho"] = captured_share(G, state["P"], side)
-    return 1.0, True
-# --- PROJECTOR: end ---
 
 
 class FiraAdamW(torch.optim.Optimizer):
@@ -212,20 +147,84 @@ class FiraAdamW(torch.optim.Optimizer):
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
+# --- PROJECTOR: begin ---
+# The projector of a matrix's gradient G (m x n): side "right" (m >= n) keeps P = V^T[:r] (r x n), R = G P^T;
+# side "left" keeps P = U[:, :r] (m x r), R = P^T G. Computed in fp32, stored in G's dtype: the papers' SVD first.
+
+
+def svd_projector(G, r, side):
+    """Exact (the papers' and the official code's): the top-r singular vectors of a full SVD of G."""
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
+
+
+def refresh_projector(G, r, side, state, method, step):
+    """A new projector in state["P"]; returns (captured energy, whether the exact SVD ran). The captured energy,
+    ||P^T G||^2 / (sum of the top-r sigma^2), needs the SVD the cheap projectors avoid, so each SVD keeps
+    rho = (sum of the top-r sigma^2) / ||G||^2 and a cheap projector is judged by share / rho, which assumes
+    the top-r share has not moved since. Below 0.9, the exact SVD replaces it: on real 60m gradients the
+    estimate never fell below 0.93 (the exact value below 0.986), and a stale rho errs low (rho falls as
+    training goes on), so a false alarm costs one SVD and never hides a poor projector."""
+    if method != "svd" and "P" in state:
+        if method == "subspace":
+            P = subspace_projector(G, r, side, state["P"])
+        else:
+            P = randomized_projector(G, r, side, step)
+        captured = captured_share(G, P, side) / max(state["rho"], 1e-30)
+        if captured >= 0.9:
+            state["P"] = P
+            return captured, False
+    state["P"] = svd_projector(G, r, side)
+    state["rho"] = captured_share(G, state["P"], side)
+    return 1.0, True
+
+
+# Ours, not the papers': two cheaper ways to find the top-r subspace, judged by the energy they capture
+
+
+def subspace_projector(G, r, side, P_old):
+    """One step of subspace iteration on G^T G, warm-started from the previous projector: three m x n x r
+    matmuls, a QR and an r x r eigh instead of a full SVD. Each step shrinks direction i's error by about
+    (sigma_{r+1} / sigma_i)^2, so on the steep spectra of real gradients one step captures nearly everything."""
+    A = G.float() if side == "right" else G.float().T        # the left side of G is the right side of G^T
+    X = P_old.float() if side == "right" else P_old.float().T  # (r, n), orthonormal rows
+    Q = torch.linalg.qr(A.T @ (A @ X.T)).Q                     # (n, r): orth(A^T A X^T)
+    # Rayleigh-Ritz: turn the basis of span(Q) onto approximate singular vectors, largest first, as the SVD's.
+    # The span is the same, but Adam works per coordinate: an arbitrary basis would change the update.
+    _, W = torch.linalg.eigh((A @ Q).T @ (A @ Q))             # (r, r), eigenvalues ascending
+    P = (Q @ W.flip(1)).T
+    return (P if side == "right" else P.T).to(G.dtype)
+
+
+def randomized_projector(G, r, side, seed):
+    """Randomized SVD (Halko et al. 2011, torch.svd_lowrank, 2 power iterations) with 16 extra columns, which
+    raise its overlap with the exact subspace from 0.96 to 0.99 on 60m gradients. Seeded by the step, so a
+    resumed run and every DDP process draw the same sketch."""
+    with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):
+        torch.manual_seed(seed)
+        U, _, V = torch.svd_lowrank(G.float(), q=min(r + 16, *G.shape), niter=2)
+    return (U[:, :r] if side == "left" else V[:, :r].T).to(G.dtype)
+
+
+def captured_share(G, P, side):
+    """||projected G||^2 / ||G||^2: the share of G's energy inside the projector's span."""
+    R = G.float() @ P.float().T if side == "right" else P.float().T @ G.float()
+    return (R.square().sum() / G.float().square().sum().clamp_min(1e-30)).item()
+# --- PROJECTOR: end ---
+
+
 r = args.rank
 fira_params = [lin.weight for _, lin in compressible_matrices(model)]
 for m, n in {tuple(p.shape) for p in fira_params}:
     if r * (2 * max(m, n) + min(m, n)) >= 2 * m * n:  # moments of m x r plus the projector, against AdamW's 2mn
         sys.exit(f"error: --rank {r} is too large for the {m} x {n} matrices: Fira would keep more state than "
-                 f"AdamW (use r < {2 * m * n // (2 * max(m, n) + min(m, n))})")
+                 f"AdamW (use r <= {(2 * m * n - 1) // (2 * max(m, n) + min(m, n))})")
 projected = {id(p) for p in fira_params}
-optimizer = FiraAdamW(
-    [{"params": [p for p in model.parameters() if id(p) not in projected]},
-     {"params": fira_params, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-      "paper_residual": args.paper_residual, "projector": args.projector}],
-    lr=args.lr, weight_decay=args.weight_decay)
-hparams = {"lr": args.lr, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-           "paper_residual": args.paper_residual, "projector": args.projector}
+settings = {"rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
+            "paper_residual": args.paper_residual, "projector": args.projector}
+optimizer = FiraAdamW([{"params": [p for p in model.parameters() if id(p) not in projected]},
+                       {"params": fira_params, **settings}], lr=args.lr, weight_decay=args.weight_decay)
+hparams = {"lr": args.lr, **settings}
 
 # --- METHOD: end ---
 

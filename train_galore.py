@@ -9,14 +9,14 @@ GaLore: full-rank weights, Adam moments kept in a rank-r projection of each matr
 The method (Zhao et al. 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
 Alg. 1) as galore-torch 1.0 computes it, for each attention/MLP matrix W (m x n, m >= n; the wide case
 mirrors it) with gradient G_t at its step t = 1, 2, ...:
-    at t = 1, T+1, 2T+1, ...:  U, S, V^T = svd(G_t);  Q = V^T[:r]           projector, r x n (an fp32 SVD)
-    R_t = G_t Q^T                                                           projected gradient, m x r
+    at t = 1, T+1, 2T+1, ...:  U, S, V^T = svd(G_t);  P = V^T[:r]           projector, r x n (an fp32 SVD)
+    R_t = G_t P^T                                                           projected gradient, m x r
     M_t = b1 M_{t-1} + (1 - b1) R_t;  V_t = b2 V_{t-1} + (1 - b2) R_t^2       states 2 m r instead of 2 m n
     N_t = M_t / (sqrt(V_t) + eps)                                           Adam's direction, eps 1e-6
-    W'  = W_{t-1} - lr_t (sqrt(1 - b2^t) / (1 - b1^t)) (N_t Q) alpha         back to m x n, scaled by alpha
+    W'  = W_{t-1} - lr_t (sqrt(1 - b2^t) / (1 - b1^t)) (N_t P) alpha         back to m x n, scaled by alpha
     W_t = W' - lr_t wd W'                                                   decoupled decay, after the update
-The moments are kept when Q changes (--reset-moments restarts M, V and t instead). Embedding, head and norms
-take the same step with R_t = G_t and no Q (AdamW, with the bias correction and the decay as above).
+The moments are kept when P changes (--reset-on-refresh restarts M, V and t instead). Embedding, head and norms
+take the same step with R_t = G_t and no P (AdamW, with the bias correction and the decay as above).
 The weights stay full rank: only the optimizer state shrinks.
 --projector subspace (one warm-started subspace iteration) or randomized (a randomized SVD) replace the
 full SVD by a cheaper approximation, checked against the captured energy and replaced by the SVD when poor.
@@ -48,19 +48,16 @@ parser.add_argument("--update-proj-gap", type=COUNT, help="T: recompute the proj
 parser.add_argument("--scale", type=POSITIVE, help="alpha: scale of the projected-back update")
 parser.add_argument("--proj-type", default="std", choices=["std", "left", "right"],
                     help="which side to project: std projects the smaller one (official default)")
-parser.add_argument("--reset-moments", action="store_true",
+parser.add_argument("--reset-on-refresh", action="store_true",
                     help="restart Adam on a matrix when its projector changes (the official code keeps the moments)")
 parser.add_argument("--per-layer", action="store_true",
                     help="step each parameter inside backward (one full gradient alive at a time); no gradient "
                          "accumulation, no DDP, no clipping (--grad-clip defaults to 0 with it; grad_norm is logged)")
-pre.add_argument("--per-layer", action="store_true")
-if pre.parse_known_args()[0].per_layer:  # each parameter steps before the global norm is known: nothing to clip
+if "--per-layer" in sys.argv[1:]:  # each parameter steps before the global norm is known: nothing to clip
     parser.set_defaults(grad_clip=0.0)
 parser.add_argument("--projector", default="svd", choices=["svd", "subspace", "randomized"],
                     help="how a refresh finds the top-r subspace: the exact SVD (official), one warm-started "
                          "subspace iteration, or a randomized SVD (both fall back to the SVD when poor)")
-
-
 # --- METHOD: end ---
 args = parse_args(parser, METHOD, size)
 
@@ -89,69 +86,6 @@ model = new_model(args, device, param_dtype)
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
 # the method: GaLore (Zhao et al. 2024) as the official galore-torch 1.0 implements it
-
-
-# --- PROJECTOR: begin ---
-# The projector of a matrix's gradient G (m x n): side "right" (m >= n) keeps P = V^T[:r] (r x n), R = G P^T;
-# side "left" keeps P = U[:, :r] (m x r), R = P^T G. Computed in fp32, stored in G's dtype. Three ways:
-
-
-def svd_projector(G, r, side):
-    """Exact (the papers' and the official code's): the top-r singular vectors of a full SVD of G."""
-    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-    return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
-
-
-def subspace_projector(G, r, side, P_old):
-    """One step of subspace iteration on G^T G, warm-started from the previous projector: three m x n x r
-    matmuls, a QR and an r x r eigh instead of a full SVD. Each step shrinks direction i's error by about
-    (sigma_{r+1} / sigma_i)^2, so on the steep spectra of real gradients one step captures nearly everything."""
-    A = G.float() if side == "right" else G.float().T        # the left side of G is the right side of G^T
-    X = P_old.float() if side == "right" else P_old.float().T  # (r, n), orthonormal rows
-    Q = torch.linalg.qr(A.T @ (A @ X.T)).Q                     # (n, r): orth(A^T A X^T)
-    # Rayleigh-Ritz: turn the basis of span(Q) onto approximate singular vectors, largest first, as the SVD's.
-    # The span is the same, but Adam works per coordinate: an arbitrary basis would change the update.
-    _, W = torch.linalg.eigh((A @ Q).T @ (A @ Q))             # (r, r), eigenvalues ascending
-    P = (Q @ W.flip(1)).T
-    return (P if side == "right" else P.T).to(G.dtype)
-
-
-def randomized_projector(G, r, side, seed):
-    """Randomized SVD (Halko et al. 2011, torch.svd_lowrank, 2 power iterations) with 16 extra columns, which
-    raise its overlap with the exact subspace from 0.96 to 0.99 on 60m gradients. Seeded by the step, so a
-    resumed run and every DDP process draw the same sketch."""
-    with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):
-        torch.manual_seed(seed)
-        U, _, V = torch.svd_lowrank(G.float(), q=min(r + 16, *G.shape), niter=2)
-    return (U[:, :r] if side == "left" else V[:, :r].T).to(G.dtype)
-
-
-def captured_share(G, P, side):
-    """||projected G||^2 / ||G||^2: the share of G's energy inside the projector's span."""
-    R = G.float() @ P.float().T if side == "right" else P.float().T @ G.float()
-    return (R.square().sum() / G.float().square().sum().clamp_min(1e-30)).item()
-
-
-def refresh_projector(G, r, side, state, method, step):
-    """A new projector in state["P"]; returns (captured energy, whether the exact SVD ran). The captured energy,
-    ||P^T G||^2 / (sum of the top-r sigma^2), needs the SVD the cheap projectors avoid, so each SVD keeps
-    rho = (sum of the top-r sigma^2) / ||G||^2 and a cheap projector is judged by share / rho, which assumes
-    the top-r share has not moved since. Below 0.9, the exact SVD replaces it: on real 60m gradients the
-    estimate never fell below 0.93 (the exact value below 0.986), and a stale rho errs low (rho falls as
-    training goes on), so a false alarm costs one SVD and never hides a poor projector."""
-    if method != "svd" and "P" in state:
-        if method == "subspace":
-            P = subspace_projector(G, r, side, state["P"])
-        else:
-            P = randomized_projector(G, r, side, step)
-        captured = captured_share(G, P, side) / max(state["rho"], 1e-30)
-        if captured >= 0.9:
-            state["P"] = P
-            return captured, False
-    state["P"] = svd_projector(G, r, side)
-    state["rho"] = captured_share(G, state["P"], side)
-    return 1.0, True
-# --- PROJECTOR: end ---
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -187,7 +121,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if state["step"] % group["update_proj_gap"] == 0:  # steps 0, T, 2T, ... before the increment
                 self.refreshes.append(refresh_projector(G, group["rank"], side, state, group["projector"],
                                                         state["step"]))
-                if group["reset_moments"] and "exp_avg" in state:
+                if group["reset_on_refresh"] and "exp_avg" in state:
                     # old moments live in the old subspace (Fira Sec. 4.2 blames the loss spikes on them)
                     state["exp_avg"].zero_()
                     state["exp_avg_sq"].zero_()
@@ -212,21 +146,84 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
+# --- PROJECTOR: begin ---
+# The projector of a matrix's gradient G (m x n): side "right" (m >= n) keeps P = V^T[:r] (r x n), R = G P^T;
+# side "left" keeps P = U[:, :r] (m x r), R = P^T G. Computed in fp32, stored in G's dtype: the papers' SVD first.
+
+
+def svd_projector(G, r, side):
+    """Exact (the papers' and the official code's): the top-r singular vectors of a full SVD of G."""
+    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
+
+
+def refresh_projector(G, r, side, state, method, step):
+    """A new projector in state["P"]; returns (captured energy, whether the exact SVD ran). The captured energy,
+    ||P^T G||^2 / (sum of the top-r sigma^2), needs the SVD the cheap projectors avoid, so each SVD keeps
+    rho = (sum of the top-r sigma^2) / ||G||^2 and a cheap projector is judged by share / rho, which assumes
+    the top-r share has not moved since. Below 0.9, the exact SVD replaces it: on real 60m gradients the
+    estimate never fell below 0.93 (the exact value below 0.986), and a stale rho errs low (rho falls as
+    training goes on), so a false alarm costs one SVD and never hides a poor projector."""
+    if method != "svd" and "P" in state:
+        if method == "subspace":
+            P = subspace_projector(G, r, side, state["P"])
+        else:
+            P = randomized_projector(G, r, side, step)
+        captured = captured_share(G, P, side) / max(state["rho"], 1e-30)
+        if captured >= 0.9:
+            state["P"] = P
+            return captured, False
+    state["P"] = svd_projector(G, r, side)
+    state["rho"] = captured_share(G, state["P"], side)
+    return 1.0, True
+
+
+# Ours, not the papers': two cheaper ways to find the top-r subspace, judged by the energy they capture
+
+
+def subspace_projector(G, r, side, P_old):
+    """One step of subspace iteration on G^T G, warm-started from the previous projector: three m x n x r
+    matmuls, a QR and an r x r eigh instead of a full SVD. Each step shrinks direction i's error by about
+    (sigma_{r+1} / sigma_i)^2, so on the steep spectra of real gradients one step captures nearly everything."""
+    A = G.float() if side == "right" else G.float().T        # the left side of G is the right side of G^T
+    X = P_old.float() if side == "right" else P_old.float().T  # (r, n), orthonormal rows
+    Q = torch.linalg.qr(A.T @ (A @ X.T)).Q                     # (n, r): orth(A^T A X^T)
+    # Rayleigh-Ritz: turn the basis of span(Q) onto approximate singular vectors, largest first, as the SVD's.
+    # The span is the same, but Adam works per coordinate: an arbitrary basis would change the update.
+    _, W = torch.linalg.eigh((A @ Q).T @ (A @ Q))             # (r, r), eigenvalues ascending
+    P = (Q @ W.flip(1)).T
+    return (P if side == "right" else P.T).to(G.dtype)
+
+
+def randomized_projector(G, r, side, seed):
+    """Randomized SVD (Halko et al. 2011, torch.svd_lowrank, 2 power iterations) with 16 extra columns, which
+    raise its overlap with the exact subspace from 0.96 to 0.99 on 60m gradients. Seeded by the step, so a
+    resumed run and every DDP process draw the same sketch."""
+    with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):
+        torch.manual_seed(seed)
+        U, _, V = torch.svd_lowrank(G.float(), q=min(r + 16, *G.shape), niter=2)
+    return (U[:, :r] if side == "left" else V[:, :r].T).to(G.dtype)
+
+
+def captured_share(G, P, side):
+    """||projected G||^2 / ||G||^2: the share of G's energy inside the projector's span."""
+    R = G.float() @ P.float().T if side == "right" else P.float().T @ G.float()
+    return (R.square().sum() / G.float().square().sum().clamp_min(1e-30)).item()
+# --- PROJECTOR: end ---
+
+
 r = args.rank
 galore_params = [lin.weight for _, lin in compressible_matrices(model)]
 for m, n in {tuple(p.shape) for p in galore_params}:
     if r * (2 * max(m, n) + min(m, n)) >= 2 * m * n:  # moments of m x r plus the projector, against AdamW's 2mn
         sys.exit(f"error: --rank {r} is too large for the {m} x {n} matrices: GaLore would keep more state than "
-                 f"AdamW (use r < {2 * m * n // (2 * max(m, n) + min(m, n))})")
+                 f"AdamW (use r <= {(2 * m * n - 1) // (2 * max(m, n) + min(m, n))})")
 projected = {id(p) for p in galore_params}
-optimizer = GaLoreAdamW(
-    [{"params": [p for p in model.parameters() if id(p) not in projected]},
-     {"params": galore_params, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-      "proj_type": args.proj_type, "reset_moments": args.reset_moments, "projector": args.projector}],
-    lr=args.lr, weight_decay=args.weight_decay)
-hparams = {"lr": args.lr, "rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-           "proj_type": args.proj_type, "reset_moments": args.reset_moments, "per_layer": args.per_layer,
-           "grad_clip": args.grad_clip, "projector": args.projector}
+settings = {"rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
+            "proj_type": args.proj_type, "reset_on_refresh": args.reset_on_refresh, "projector": args.projector}
+optimizer = GaLoreAdamW([{"params": [p for p in model.parameters() if id(p) not in projected]},
+                         {"params": galore_params, **settings}], lr=args.lr, weight_decay=args.weight_decay)
+hparams = {"lr": args.lr, **settings, "per_layer": args.per_layer, "grad_clip": args.grad_clip}
 
 if args.per_layer:
     # GaLore Sec. 4.3: update each parameter as soon as its gradient is complete and free that gradient,

@@ -2,18 +2,19 @@
 Low-rank factorized training with restarts: weight refactorization, momentum reset and lr quick recovery.
 
     python train_lowrank_refactor.py                           # tiny on CPU: a restart every 25 steps
-    python train_lowrank_refactor.py --refactor-every 0 --momentum-reset-every 0 --recovery-steps 0   # plain
+    python train_lowrank_refactor.py --restart-every 0                  # plain low-rank: no restarts
     python train_lowrank_refactor.py --size 1b --dataset c4    # one GPU, the authors' 1b run (r 512, alpha 16)
     torchrun --nproc_per_node=4 train_lowrank_refactor.py --size 350m --dataset c4
 
 The method (Glentis et al. 2025, "Scalable Parameter and Memory Efficient Pretraining for LLM: Recent
 Algorithmic Advances and Benchmarking"): every attention/MLP matrix is W = B A alpha / r, with B (m x r)
 and A (r x n) trained from scratch by AdamW (both Kaiming-uniform, as the official code); the m x n matrix
-never exists. After steps K-1, 2K-1, ... (0-based; none after the last step), a restart:
+never exists. After steps K-1, 2K-1, ... (0-based; none after the last step; K = --restart-every), a restart:
     B = Qb Rb,  A^T = Qa Ra,  Rb Ra^T = U S V^T      thin QRs and the SVD of an r x r matrix
     B <- Qb U S^1/2,  A <- S^1/2 V^T Qa^T             refactorization: the same B A, balanced (B^T B = A A^T = S)
     M, V, t <- 0 for every parameter                   momentum reset: a brand-new AdamW, embedding and head too
-and the lr's quick recovery over R = 10 steps. --lr-recovery authors (the default) is the lr of the authors'
+and the lr's quick recovery over R = 10 steps (--no-refactorize, --reset-scope and --recovery-steps 0 switch the
+pieces off one by one, for the ablation). --lr-recovery authors (the default) is the lr of the authors'
 code, their LambdaLR rebuilt at each restart; with plain(t) = t / warmup, then the cosine to min_lr_ratio:
     lambda(t) = plain(c + R) (0.001 + 0.999 min(1, j / (R - 1)))   t = c + j, c a multiple of K, j < R
     lambda(t) = plain(t) elsewhere;   step s trains at --lr x lambda(s) up to the first restart, lambda(s + 1) after
@@ -49,25 +50,28 @@ parser, size = shared_parser(__doc__)
 METHOD = "lowrank"
 parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
 parser.add_argument("--rank", type=COUNT, help="r, inner dimension of B A")
-parser.add_argument("--scale", type=POSITIVE, help="alpha: the layer computes B A x alpha / r")
-parser.add_argument("--refactor-every", type=OFF_OR_COUNT, help="K: re-balance every B A through its SVD every K steps")
-parser.add_argument("--momentum-reset-every", type=OFF_OR_COUNT, default=None,
-                    help="reset the optimizer state every N steps (default: --refactor-every)")
-parser.add_argument("--reset-scope", default="all", choices=["all", "factors"],
-                    help="whose state a reset clears: every parameter's (the authors' runs) or B and A only")
+parser.add_argument("--alpha", type=POSITIVE, help="the layer computes B A x alpha / r")
+# --- RESTART: begin ---
+parser.add_argument("--restart-every", type=OFF_OR_COUNT,
+                    help="K: a restart every K steps, refactorization + optimizer reset + lr recovery (0: none)")
+parser.add_argument("--no-refactorize", action="store_true",
+                    help="restarts without the refactorization (the ablation's reset-only variant)")
+parser.add_argument("--reset-scope", default="all", choices=["all", "factors", "none"],
+                    help="whose AdamW state a restart resets: every parameter's (the authors' runs), B and A only, "
+                         "or none (the ablation's refactorization-only variant)")
 parser.add_argument("--reset-moments", default="both", choices=["both", "first"],
                     help="both moments and the step counter (a fresh AdamW), or the first moment only")
 parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
-                    help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
+                    help="R: after each restart the lr climbs from 0.001x back to the schedule over R steps")
 parser.add_argument("--lr-recovery", default="authors", choices=["authors", "linear"],
-                    help="the lr of a run with resets: the authors' scheduler, rebuilt at each restart (its own "
+                    help="the lr of a run with restarts: the authors' scheduler, rebuilt at each restart (its own "
                          "warmup, a ramp over the first R steps, the recovery's target at R steps past it); or "
-                         "linear: the shared warmup + cosine times 0.001 + 0.999 j / R for the j-th step past a reset")
+                         "linear: the shared warmup + cosine times 0.001 + 0.999 j / R for the j-th step past one")
 
 
 def run_name(args):
-    reset_every = args.refactor_every if args.momentum_reset_every is None else args.momentum_reset_every
-    return "lowrank_restarts" if args.refactor_every or reset_every else "lowrank"
+    return f"{METHOD}_restarts" if args.restart_every else METHOD
+# --- RESTART: end ---
 # --- METHOD: end ---
 args = parse_args(parser, METHOD, size)
 
@@ -187,13 +191,9 @@ def authors_lr(step, every, recovery, warmup, max_steps, min_ratio):
 # --- RESTART: end ---
 
 
-r, alpha = args.rank, args.scale
+r, alpha = args.rank, args.alpha
 if r >= min(cfg.n_embd, cfg.n_ff):
     sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
-refactor_every, recovery_steps, reset_moments = args.refactor_every, args.recovery_steps, args.reset_moments
-reset_every = refactor_every if args.momentum_reset_every is None else args.momentum_reset_every
-if reset_every and recovery_steps >= reset_every:
-    sys.exit(f"error: --recovery-steps {recovery_steps} must be below the reset period {reset_every}")
 factorized = []
 for name, linear in compressible_matrices(model):
     parent, child = name.rsplit(".", 1)
@@ -202,10 +202,15 @@ for name, linear in compressible_matrices(model):
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
 factors = [p for layer in factorized for p in (layer.B, layer.A)]
-reset_params = list(model.parameters()) if args.reset_scope == "all" else factors
-hparams = {"lr": args.lr, "rank": r, "scale": alpha, "refactor_every": refactor_every, "momentum_reset_every":
-           reset_every, "reset_scope": args.reset_scope, "reset_moments": reset_moments,
-           "recovery_steps": recovery_steps, "lr_recovery": args.lr_recovery}
+# --- RESTART: begin ---
+restart_every, recovery_steps = args.restart_every, args.recovery_steps
+if restart_every and recovery_steps >= restart_every:
+    sys.exit(f"error: --recovery-steps {recovery_steps} must be below --restart-every {restart_every}")
+reset_params = {"all": list(model.parameters()), "factors": factors, "none": []}[args.reset_scope]
+restarts = {"restart_every": restart_every, "refactorize": not args.no_refactorize, "reset_scope": args.reset_scope,
+            "reset_moments": args.reset_moments, "recovery_steps": recovery_steps, "lr_recovery": args.lr_recovery}
+# --- RESTART: end ---
+hparams = {"lr": args.lr, "rank": r, "alpha": alpha, **restarts}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
@@ -230,10 +235,10 @@ for step in bar:
     lr = lr_schedule(step, args.lr, warmup_steps, max_steps, args.min_lr_ratio)
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    if args.lr_recovery == "authors" and reset_every:  # their scheduler replaces the warmup + cosine too
-        lr = args.lr * authors_lr(step, reset_every, recovery_steps, warmup_steps, max_steps, args.min_lr_ratio)
-    else:  # the quick recovery after each momentum reset, on the schedule every script shares
-        lr *= recovery_factor(step, reset_every, recovery_steps, max_steps)
+    if args.lr_recovery == "authors" and restart_every:  # their scheduler replaces the warmup + cosine too
+        lr = args.lr * authors_lr(step, restart_every, recovery_steps, warmup_steps, max_steps, args.min_lr_ratio)
+    else:  # the quick recovery after each restart, on the schedule every script shares
+        lr *= recovery_factor(step, restart_every, recovery_steps, max_steps)
     # --- RESTART: end ---
     # --- METHOD: end ---
     for group in optimizer.param_groups:
@@ -262,13 +267,14 @@ for step in bar:
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    if since_restart(step + 1, refactor_every, max_steps) == 0:  # the next step is the first past a restart
-        for layer in factorized:
-            refactorize(layer.B, layer.A)
-        method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
-    if since_restart(step + 1, reset_every, max_steps) == 0:
-        reset_optimizer_state(optimizer, reset_params, reset_moments)
-        method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
+    if since_restart(step + 1, restart_every, max_steps) == 0:  # the next step is the first past a restart
+        if not args.no_refactorize:
+            for layer in factorized:
+                refactorize(layer.B, layer.A)
+            method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
+        if reset_params:
+            reset_optimizer_state(optimizer, reset_params, args.reset_moments)
+            method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
     # --- RESTART: end ---
     # --- METHOD: end ---
     # everything below is diagnostics: the loss, divergence, timing, evaluation, the log, checkpoints

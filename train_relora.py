@@ -50,7 +50,7 @@ parser, size = shared_parser(__doc__)
 METHOD = "relora"
 parser.add_argument("--lr", type=POSITIVE, help="peak learning rate (of the low-rank phase)")
 parser.add_argument("--rank", type=COUNT, help="r, inner dimension of B A")
-parser.add_argument("--scale", type=POSITIVE, help="alpha: the layer computes W0 x + B A x alpha / r")
+parser.add_argument("--alpha", type=POSITIVE, help="the layer computes W0 x + B A x alpha / r")
 parser.add_argument("--relora-every", type=OFF_OR_COUNT, default=None,
                     help="K: merge B A into W0 and restart the factors after steps K, 2K, ... of the low-rank phase "
                          "(0: plain LoRA; default: a quarter of the run's steps)")
@@ -209,7 +209,7 @@ def seed_dropout(module, inputs):
         torch.manual_seed(2**63 + seed)
 
 
-r, alpha = args.rank, args.scale
+r, alpha = args.rank, args.alpha
 if r >= min(cfg.n_embd, cfg.n_ff):
     sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
 # ReLoRA's README 250M run: a quarter of the steps full rank, then a merge every quarter, a warmup of a tenth of it
@@ -246,7 +246,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999)
                               weight_decay=args.weight_decay)
 factors = [p for layer in layers for p in (layer.B, layer.A)]
 lora_phase = True  # as built: W0 frozen; the loop sets the phase of each step (warm start: W0 trains instead)
-hparams = {"lr": args.lr, "rank": r, "scale": alpha, "relora_every": relora_every, "warm_start_steps": warm_start,
+hparams = {"lr": args.lr, "rank": r, "alpha": alpha, "relora_every": relora_every, "warm_start_steps": warm_start,
            "warm_start_lr": warm_start_lr, "switch_warmup": switch_warmup, "restart_warmup": restart_warmup,
            "prune": args.prune, "prune_ratio": args.prune_ratio, "lora_dropout": dropout, "a_init": a_init}
 # --- METHOD: end ---

@@ -51,23 +51,31 @@ parser, size = shared_parser(__doc__)
 METHOD = "sltrain"
 parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
 parser.add_argument("--rank", type=COUNT, help="r, inner dimension of the low-rank part B A")
-parser.add_argument("--scale", type=POSITIVE, help="alpha: the low-rank part is B A alpha / r")
-parser.add_argument("--delta", type=bounded(float, 0, 1, open_low=True),
+parser.add_argument("--alpha", type=POSITIVE, help="the low-rank part is B A alpha / r")
+parser.add_argument("--delta", type=bounded(float, 0, 1, open_low=True, open_high=True),
                     help="density of S, the fraction of W's entries it trains: 0.1 is the authors' restart runs, "
                          "0.03 the SLTrain paper's own setting")
+# --- RESTART: begin ---
 parser.add_argument("--restart-every", type=OFF_OR_COUNT,
-                    help="K: every K steps refactorize every B A and give every parameter a fresh AdamW state "
-                         "(0: plain SLTrain)")
+                    help="K: a restart every K steps, refactorization + optimizer reset + lr recovery (0: none)")
+parser.add_argument("--no-refactorize", action="store_true",
+                    help="restarts without the refactorization (the ablation's reset-only variant)")
+parser.add_argument("--reset-scope", default="all", choices=["all", "factors", "none"],
+                    help="whose AdamW state a restart resets: every parameter's (the authors' runs), B and A only, "
+                         "or none (the ablation's refactorization-only variant)")
+parser.add_argument("--reset-moments", default="both", choices=["both", "first"],
+                    help="both moments and the step counter (a fresh AdamW), or the first moment only")
 parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
-                    help="R: after each reset the lr climbs from 0.001x back to the schedule over R steps")
+                    help="R: after each restart the lr climbs from 0.001x back to the schedule over R steps")
 parser.add_argument("--lr-recovery", default="authors", choices=["authors", "linear"],
-                    help="the lr of a run with resets: the authors' scheduler, rebuilt at each restart (its own "
+                    help="the lr of a run with restarts: the authors' scheduler, rebuilt at each restart (its own "
                          "warmup, a ramp over the first R steps, the recovery's target at R steps past it); or "
-                         "linear: the shared warmup + cosine times 0.001 + 0.999 j / R for the j-th step past a reset")
+                         "linear: the shared warmup + cosine times 0.001 + 0.999 j / R for the j-th step past one")
 
 
 def run_name(args):
-    return "sltrain_restarts" if args.restart_every else "sltrain"
+    return f"{METHOD}_restarts" if args.restart_every else METHOD
+# --- RESTART: end ---
 # --- METHOD: end ---
 args = parse_args(parser, METHOD, size)
 
@@ -245,18 +253,11 @@ def authors_lr(step, every, recovery, warmup, max_steps, min_ratio):
 # --- RESTART: end ---
 
 
-r, alpha, delta = args.rank, args.scale, args.delta
+r, alpha, delta = args.rank, args.alpha, args.delta
 if r >= min(cfg.n_embd, cfg.n_ff):
     sys.exit(f"error: --rank {r} must be below d_model {cfg.n_embd} to be low rank")
-if delta >= 1:
-    sys.exit(f"error: --delta {delta} must be below 1 to be sparse")
 if int(delta * cfg.n_embd**2) < 1:
     sys.exit(f"error: --delta {delta} leaves S empty in the {cfg.n_embd} x {cfg.n_embd} matrices")
-# the restart (below) as the authors ran it: refactorization and a brand-new AdamW together, every K steps
-refactor_every = reset_every = args.restart_every
-recovery_steps, reset_moments = args.recovery_steps, "both"
-if reset_every and recovery_steps >= reset_every:
-    sys.exit(f"error: --recovery-steps {recovery_steps} must be below the reset period {reset_every}")
 factorized = []
 for i, (name, linear) in enumerate(compressible_matrices(model)):
     parent, child = name.rsplit(".", 1)
@@ -268,9 +269,16 @@ for i, (name, linear) in enumerate(compressible_matrices(model)):
     setattr(model.get_submodule(parent), child, factorized[-1].to(device, param_dtype))  # indices stay integers
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
-reset_params = list(model.parameters())  # factors, sparse values, embedding, head and norms
-hparams = {"lr": args.lr, "rank": r, "scale": alpha, "delta": delta, "restart_every": args.restart_every,
-           "recovery_steps": recovery_steps, "lr_recovery": args.lr_recovery}
+factors = [p for layer in factorized for p in (layer.B, layer.A)]  # the sparse values are not factors
+# --- RESTART: begin ---
+restart_every, recovery_steps = args.restart_every, args.recovery_steps
+if restart_every and recovery_steps >= restart_every:
+    sys.exit(f"error: --recovery-steps {recovery_steps} must be below --restart-every {restart_every}")
+reset_params = {"all": list(model.parameters()), "factors": factors, "none": []}[args.reset_scope]
+restarts = {"restart_every": restart_every, "refactorize": not args.no_refactorize, "reset_scope": args.reset_scope,
+            "reset_moments": args.reset_moments, "recovery_steps": recovery_steps, "lr_recovery": args.lr_recovery}
+# --- RESTART: end ---
+hparams = {"lr": args.lr, "rank": r, "alpha": alpha, "delta": delta, **restarts}
 # --- METHOD: end ---
 
 raw_model = model  # the module itself, for state_dict and memory accounting
@@ -295,10 +303,10 @@ for step in bar:
     lr = lr_schedule(step, args.lr, warmup_steps, max_steps, args.min_lr_ratio)
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    if args.lr_recovery == "authors" and reset_every:  # their scheduler replaces the warmup + cosine too
-        lr = args.lr * authors_lr(step, reset_every, recovery_steps, warmup_steps, max_steps, args.min_lr_ratio)
-    else:  # the quick recovery after each momentum reset, on the schedule every script shares
-        lr *= recovery_factor(step, reset_every, recovery_steps, max_steps)
+    if args.lr_recovery == "authors" and restart_every:  # their scheduler replaces the warmup + cosine too
+        lr = args.lr * authors_lr(step, restart_every, recovery_steps, warmup_steps, max_steps, args.min_lr_ratio)
+    else:  # the quick recovery after each restart, on the schedule every script shares
+        lr *= recovery_factor(step, restart_every, recovery_steps, max_steps)
     # --- RESTART: end ---
     # --- METHOD: end ---
     for group in optimizer.param_groups:
@@ -327,13 +335,14 @@ for step in bar:
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
     # --- RESTART: begin ---
-    if since_restart(step + 1, refactor_every, max_steps) == 0:  # the next step is the first past a restart
-        for layer in factorized:
-            refactorize(layer.B, layer.A)
-        method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
-    if since_restart(step + 1, reset_every, max_steps) == 0:
-        reset_optimizer_state(optimizer, reset_params, reset_moments)
-        method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
+    if since_restart(step + 1, restart_every, max_steps) == 0:  # the next step is the first past a restart
+        if not args.no_refactorize:
+            for layer in factorized:
+                refactorize(layer.B, layer.A)
+            method_log["refactorizations"] = stats["refactorizations"] = stats.get("refactorizations", 0) + 1
+        if reset_params:
+            reset_optimizer_state(optimizer, reset_params, args.reset_moments)
+            method_log["resets"] = stats["resets"] = stats.get("resets", 0) + 1
     # --- RESTART: end ---
     # --- METHOD: end ---
     # everything below is diagnostics: the loss, divergence, timing, evaluation, the log, checkpoints

@@ -125,9 +125,10 @@ def adamw_steps(model, steps=2):
 
 
 def warmup_cosine_lr(step, lr, max_steps, warmup, min_ratio=0.1):
-    """The scripts' schedule written out independently: linear warmup, then cosine down to min_ratio * lr."""
+    """The scripts' schedule written out independently: linear warmup from lr 0 at step 0 (as the official
+    schedulers), then cosine down to min_ratio * lr."""
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * step / warmup
     return lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2)
 
 

@@ -112,8 +112,8 @@ BAD_INPUT = [
     ("train_fira.py", ["--rank", "22"], "error: --rank 22 is too large for the"),
     ("train_lowrank_refactor.py", ["--rank", "32"], "error: --rank 32 must be below d_model 32 to be low rank"),
     ("train_sltrain.py", ["--rank", "32"], "error: --rank 32 must be below d_model 32 to be low rank"),
-    ("train_sltrain.py", ["--delta", "0"], "error: argument --delta: must be > 0 and <= 1, got 0"),
-    ("train_sltrain.py", ["--delta", "1"], "error: --delta 1.0 must be below 1 to be sparse"),
+    ("train_sltrain.py", ["--delta", "0"], "error: argument --delta: must be > 0 and < 1, got 0"),
+    ("train_sltrain.py", ["--delta", "1"], "error: argument --delta: must be > 0 and < 1, got 1"),
     ("train_sltrain.py", ["--delta", "1e-4"], "error: --delta 0.0001 leaves S empty in the 32 x 32 matrices"),
     ("train_full.py", ["--max-steps", "0"], "error: argument --max-steps: must be >= 1, got 0"),
     ("train_full.py", ["--max-steps", "-1"], "error: argument --max-steps: must be >= 1, got -1"),
@@ -126,8 +126,8 @@ BAD_INPUT = [
     ("train_full.py", ["--lr", "nan"], "error: argument --lr: must be > 0, got nan"),
     ("train_full.py", ["--lr", "inf"], "error: argument --lr: must be > 0, got inf"),
     ("train_galore.py", ["--update-proj-gap", "0"], "error: argument --update-proj-gap: must be >= 1, got 0"),
-    ("train_lowrank_refactor.py", ["--refactor-every", "-1"],
-     "error: argument --refactor-every: must be >= 0, got -1"),
+    ("train_lowrank_refactor.py", ["--restart-every", "-1"],
+     "error: argument --restart-every: must be >= 0, got -1"),
     ("train_full.py", ["--device", "tpu"], "error: --device 'tpu' is not cpu, cuda or cuda:N"),
     ("train_full.py", ["--size", "huge"],
      "error: unknown --size 'huge'; valid sizes: nano, tiny, 60m, 130m, 350m, 1b, 7b"),
@@ -137,8 +137,9 @@ BAD_INPUT = [
      "error: dataset 'text-x' is not prepared; run: python data.py text:PATH, with PATH your .txt file or folder "
      "named 'x'"),
     ("train_full.py", ["--val-tokens", "10"], "error: --val-tokens 10 is fewer than one window of --seq-len 64 tokens"),
-    ("train_lowrank_refactor.py", ["--refactor-every", "3"],
-     "error: --recovery-steps 10 must be below the reset period 3"),
+    ("train_sltrain.py", ["--restart-every", "3"],
+     "error: --recovery-steps 10 must be below --restart-every 3"),
+    ("train_full.py", ["--seed", "20000000000"], "error: argument --seed: must be >= 0 and <= 2147483647, got 20000000000"),
 ]
 
 

@@ -53,10 +53,10 @@ def each_seed(dtype, steps=30):
         yield bf16_params_and_grads(seed, steps) if dtype == torch.bfloat16 else params_and_grads(seed, steps)
 
 
-def galore(params, rank=4, T=3, scale=0.25, eps=1e-6, weight_decay=0.1, reset_moments=False):
+def galore(params, rank=4, T=3, scale=0.25, eps=1e-6, weight_decay=0.1, reset_on_refresh=False):
     return GaLoreAdamW([{"params": params[2:]},
                         {"params": params[:2], "rank": rank, "update_proj_gap": T, "scale": scale,
-                         "proj_type": "std", "reset_moments": reset_moments, "projector": "svd"}],
+                         "proj_type": "std", "reset_on_refresh": reset_on_refresh, "projector": "svd"}],
                        lr=1e-2, eps=eps, weight_decay=weight_decay)
 
 
@@ -93,7 +93,7 @@ def test_projector_is_orthonormal_and_refreshes_at_0_T_2T():
 def test_moments_are_kept_across_a_refresh_unless_reset():
     params, grads = params_and_grads(steps=4)
     kept_ps, kept = run_optimizer(lambda ps: galore(ps, T=3), params, grads)
-    reset_ps, reset = run_optimizer(lambda ps: galore(ps, T=3, reset_moments=True), params, grads)
+    reset_ps, reset = run_optimizer(lambda ps: galore(ps, T=3, reset_on_refresh=True), params, grads)
     kept, reset = kept.state[kept_ps[0]], reset.state[reset_ps[0]]
     # after the refresh at step 3 a reset restarts Adam: the moments hold only that step's R
     R = grads[3][0] @ reset["P"].T

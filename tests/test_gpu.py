@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # each method acts within a short run: projector refreshes, restarts, merges every 10 steps
 ACT_OFTEN = {"train_galore.py": ["--update-proj-gap", "10"], "train_fira.py": ["--update-proj-gap", "10"],
-             "train_lowrank_refactor.py": ["--refactor-every", "10", "--recovery-steps", "3"],
+             "train_lowrank_refactor.py": ["--restart-every", "10", "--recovery-steps", "3"],
              "train_sltrain.py": ["--restart-every", "10", "--recovery-steps", "3"],
              "train_relora.py": ["--relora-every", "10", "--warm-start-steps", "5", "--restart-warmup", "3"]}
 METHOD_OF = {spec["script"]: method for method, spec in METHODS.items()}

@@ -124,7 +124,7 @@ def expected_lr(step, lr, max_steps, warmup, K, R, min_ratio=0.1):
 @pytest.mark.parametrize("warmup", [2, 8])  # 8: the first restart falls inside the warmup
 def test_lr_recovery_linear_follows_its_formula(tmp_path, shakespeare, warmup):
     K, R, steps = 5, 3, 19  # K does not divide the run
-    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--refactor-every", str(K),
+    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--restart-every", str(K),
                       "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "1e-2",
                       "--lr-recovery", "linear")
     assert [r["lr"] for r in log] == pytest.approx([expected_lr(s, 1e-2, steps, warmup, K, R) for s in range(steps)],
@@ -146,15 +146,18 @@ def test_parameter_and_state_bytes_follow_r_times_m_plus_n(tmp_path, shakespeare
     assert result["optimizer_state_bytes"] == 2 * 4 * n_params + 4 * n_tensors
 
 
-@pytest.mark.parametrize("refactor,reset,recovery,scope", [(0, 0, 0, "all"), (4, 0, 0, "all"), (0, 4, 0, "all"),
-                                                           (4, 4, 2, "factors")])
-def test_every_ablation_trains(tmp_path, shakespeare, refactor, reset, recovery, scope):
+# the ablation's variants: plain, refactorization only, reset only, both, both with the reset of B and A only
+@pytest.mark.parametrize("K,refactorize,scope,recovery", [(0, True, "all", 0), (4, True, "none", 0),
+                                                          (4, False, "all", 0), (4, True, "factors", 2)])
+def test_every_ablation_trains(tmp_path, shakespeare, K, refactorize, scope, recovery):
     result, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", "20", "--lr", "1e-2",
-                           "--refactor-every", str(refactor), "--momentum-reset-every", str(reset),
-                           "--recovery-steps", str(recovery), "--reset-scope", scope)
+                           "--restart-every", str(K), "--recovery-steps", str(recovery), "--reset-scope", scope,
+                           *([] if refactorize else ["--no-refactorize"]))
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
-    assert (result["refactor_every"], result["momentum_reset_every"], result["reset_scope"]) == (refactor, reset, scope)
-    assert result["run"] == ("lowrank_restarts" if refactor or reset else "lowrank")
+    assert (result["restart_every"], result["refactorize"], result["reset_scope"]) == (K, refactorize, scope)
+    assert result["run"] == ("lowrank_restarts" if K else "lowrank")
+    acted = [k for k in ("refactorizations", "resets") if any(k in r for r in log)]
+    assert acted == [k for k, on in (("refactorizations", refactorize), ("resets", scope != "none")) if K and on]
 
 
 # --- the authors' lr: their code, re-implemented here from OptimAI-Lab/Memory_Efficient_Pretraining @ 9f803d4
@@ -260,7 +263,7 @@ def test_the_worked_example_of_the_docstrings():
 
 @pytest.mark.parametrize("steps,warmup,K,R", [(24, 8, 6, 3), (23, 3, 5, 4)])  # K divides the run, or not
 def test_the_lr_of_a_run_is_the_official_code_s(tmp_path, shakespeare, steps, warmup, K, R):
-    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--refactor-every", str(K),
+    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--restart-every", str(K),
                       "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "3e-3")
     assert [r["step"] for r in log] == list(range(1, steps + 1))
     assert [r["lr"] for r in log] == official_lrs(3e-3, steps, warmup, K, R)
@@ -308,7 +311,7 @@ def assert_resume_after_a_crash_is_exact(script, tmp_path, *extra, steps, at):
 def test_resume_inside_a_recovery_window_and_across_a_restart(tmp_path, shakespeare):
     # restarts after steps 4 and 8 (counted from 1); the authors' recovery takes steps 5-6 and 8-10 (the second
     # from the step before its restart), so the checkpoint at 5 falls inside the first, the second after it
-    log = assert_resume_after_a_crash_is_exact("train_lowrank_refactor.py", tmp_path, "--refactor-every", "4",
+    log = assert_resume_after_a_crash_is_exact("train_lowrank_refactor.py", tmp_path, "--restart-every", "4",
                                                "--recovery-steps", "3", steps=12, at=5)
     assert [r["step"] for r in log if "resets" in r] == [4, 8]
     assert [r["lr"] for r in log] == official_lrs(3e-3, 12, 1, 4, 3)

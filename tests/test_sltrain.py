@@ -218,8 +218,8 @@ def test_trains_and_restarts(restarts_run):
         (5, 1, 1), (10, 2, 2), (15, 3, 3)]
     assert [r["lr"] for r in log] == official_lrs(1e-2, 20, 2, 5, 2)  # the authors' lr, warmup 10% of the steps
     assert result["run"] == "sltrain_restarts"
-    assert {k: result[k] for k in ("rank", "scale", "delta", "restart_every", "recovery_steps", "lr_recovery")} == {
-        "rank": 8, "scale": 32, "delta": 0.1, "restart_every": 5, "recovery_steps": 2, "lr_recovery": "authors"}
+    assert {k: result[k] for k in ("rank", "alpha", "delta", "restart_every", "recovery_steps", "lr_recovery")} == {
+        "rank": 8, "alpha": 32, "delta": 0.1, "restart_every": 5, "recovery_steps": 2, "lr_recovery": "authors"}
 
 
 def test_the_support_survives_training_and_restarts_and_depends_on_the_seed(restarts_run):

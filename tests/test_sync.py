@@ -40,7 +40,7 @@ def test_restart_is_one_text():
     restarting = {s: r for s, r in regions.items() if r}
     assert sorted(restarting) == ["train_lowrank_refactor.py", "train_sltrain.py"]
     first = next(iter(restarting.values()))
-    assert len(first) == 3  # refactorize + reset + recovery; the lr of the step; the hook
+    assert len(first) == 5  # the flags; refactorize, reset, recovery; their setup; the lr of the step; the hook
     assert all(r == first for r in restarting.values())
 
 
