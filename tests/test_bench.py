@@ -18,7 +18,8 @@ def repo(tmp_path):
     """A copy of the repo whose Fira script fails the way an out-of-memory run would."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for f in ["bench.sh", "report.py", "model.py", "data.py", *map(os.path.basename, glob.glob(f"{ROOT}/train_*.py"))]:
+    scripts = map(os.path.basename, glob.glob(f"{ROOT}/train_*.py"))
+    for f in ["bench.sh", "report.py", "model.py", "data.py", "plumbing.py", *scripts]:
         shutil.copy(os.path.join(ROOT, f), repo / f)
     (repo / "train_fira.py").write_text("import sys\nsys.exit('error: simulated out of memory')\n")
     return repo
