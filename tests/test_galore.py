@@ -134,7 +134,7 @@ def test_trains_and_per_layer_equals_the_plain_step(tmp_path, shakespeare):
     # a clip far above the norm scales the gradients by exactly 1 and logs their norm
     plain, log, _ = train("train_galore.py", tmp_path / "plain", *common, "--grad-clip", "1e9")
     per_layer, layer_log, proc = train("train_galore.py", tmp_path / "layer", *common, "--per-layer")
-    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
     assert per_layer["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-6)
     # per layer, the loop finds no gradients (its clip would return 0): the norm is taken in the hooks, unclipped
     assert per_layer["grad_clip"] == 0 and "per_layer True, grad_clip 0.0" in proc.stdout

@@ -10,6 +10,7 @@ from model import BENCH_ROWS, RANKS, SIZES, Llama, compressible_matrices, estima
 from test_lowrank_refactor import assert_resume_after_a_crash_is_exact, official_lrs
 
 ns = definitions("train_sltrain.py")
+ns["METHOD"] = "sltrain"  # run_name reads the script's METHOD, which definitions() does not execute
 SparseLowRankLinear, draw_support, dense = ns["SparseLowRankLinear"], ns["draw_support"], ns["dense"]
 refactorize, run_name = ns["refactorize"], ns["run_name"]
 
