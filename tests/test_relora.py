@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import (NANO, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun,
+from conftest import (NANO, official_cyclical_cosine, scheduler_lrs, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun,
                       train, warmup_cosine_lr)
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
@@ -191,17 +191,6 @@ def test_w0_gets_no_gradient_and_no_state_and_the_warm_start_trains_w0_alone():
 # ReLoRA's schedulers, re-implemented from Guitaricet/relora peft_pretraining/training_utils.py: the full-rank run's
 # "cosine" (_get_cyclical_cosine_schedule_with_min_lr_lambda) and the ReLoRA run's "cosine_restarts"
 # (_get_cosine_schedule_with_multiple_warmups_lambda), each stepped by a LambdaLR as torchrun_main.py does
-def official_cyclical_cosine(current_step, *, num_warmup_steps, cycle_length, min_lr_ratio):
-    cycle_step = current_step % cycle_length
-    if cycle_step < num_warmup_steps:
-        if current_step != cycle_step:
-            if cycle_step < 2:
-                return 1e-7
-        return float(cycle_step) / float(max(1, num_warmup_steps))
-    progress = float(cycle_step - num_warmup_steps) / float(max(1, cycle_length - num_warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def official_multiple_warmups(current_step, *, num_training_steps, first_warmup_steps, restart_warmup_steps,
                               restart_every, min_lr_ratio, adjust_step):
     assert adjust_step + first_warmup_steps <= restart_every
@@ -220,26 +209,14 @@ def official_multiple_warmups(current_step, *, num_training_steps, first_warmup_
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def official_lrs(lr_lambda, lr, steps):
-    """The lr of each of `steps` updates under torch's LambdaLR, stepped after each optimizer step."""
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
-
-
 def official_recipe(steps, warm_lr, warmup, N, lr, first_warmup, K, R):
     """The README's 250M recipe: a full-rank run planned for all `steps`, stopped after N; then a ReLoRA run from
     its weights (--warmed_up_model) whose scheduler covers the remaining steps. Returns every step's lr and the
     update steps after which torchrun_main.py merges and resets the optimizer."""
-    warm = official_lrs(partial(official_cyclical_cosine, num_warmup_steps=warmup, cycle_length=steps,
+    warm = scheduler_lrs(partial(official_cyclical_cosine, num_warmup_steps=warmup, cycle_length=steps,
                                 min_lr_ratio=0.1), warm_lr, steps)[:N]
     assert (steps - N) % K == 0  # get_cosine_schedule_with_multiple_warmups requires it
-    low = official_lrs(partial(official_multiple_warmups, num_training_steps=steps - N, first_warmup_steps=first_warmup,
+    low = scheduler_lrs(partial(official_multiple_warmups, num_training_steps=steps - N, first_warmup_steps=first_warmup,
                                restart_warmup_steps=R, restart_every=K, min_lr_ratio=0.1, adjust_step=0), lr, steps - N)
     update_step = scheduler_start_step = N  # training_state.json of the warm start
     merges = []

@@ -1,39 +1,19 @@
-import math
 import os
 import sys
+from functools import partial
 
 import pytest
-import torch
 
-from conftest import assert_resume_is_exact, run, train
-
-
-def official_lrs(lr, steps, warmup, min_lr_ratio=0.1):
-    """The lr of each step under GaLore's released scheduler (jiaweizzhao/GaLore, peft_pretraining/training_utils.py,
-    get_scheculer "cosine": _get_cyclical_cosine_schedule_with_min_lr_lambda with cycle_length the whole run; the
-    same text in OptimAI-Lab/Memory_Efficient_Pretraining), re-implemented here and stepped as their loop steps it:
-    a LambdaLR, optimizer.step() then scheduler.step()."""
-    def lr_lambda(current_step):
-        cycle_step = current_step % steps
-        if cycle_step < warmup:
-            return float(cycle_step) / float(max(1, warmup))
-        progress = float(cycle_step - warmup) / float(max(1, steps - warmup))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
+from conftest import assert_resume_is_exact, official_cyclical_cosine, run, scheduler_lrs, train
 
 
 def test_loss_falls_on_nano(tmp_path, shakespeare):
     result, log, _ = train("train_full.py", tmp_path, "--max-steps", "30", "--lr", "1e-2")
     assert [r["step"] for r in log] == list(range(1, 31))
-    # the official schedule: warmup from lr 0 over 10% of the steps, cosine down to 0.1 of the peak
-    assert [r["lr"] for r in log] == pytest.approx(official_lrs(1e-2, 30, 3), rel=1e-12, abs=0)
+    # the official schedule (GaLore's released scheduler over the whole run, stepped as their loop steps it): warmup
+    # from lr 0 over 10% of the steps, cosine down to 0.1 of the peak
+    official = partial(official_cyclical_cosine, num_warmup_steps=3, cycle_length=30, min_lr_ratio=0.1)
+    assert [r["lr"] for r in log] == pytest.approx(scheduler_lrs(official, 1e-2, 30), rel=1e-12, abs=0)
     assert log[0]["lr"] == 0.0
     assert log[-1]["loss"] < log[0]["loss"] - 2.0  # from ~10.8 (uniform) towards unigram statistics
     assert result["val_ppl"] < 3000 and result["steps"] == 30 and result["tokens"] == 30 * 8 * 64
