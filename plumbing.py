@@ -1,7 +1,7 @@
 """
 The run plumbing every train_*.py shares and no reader comes to learn: argument types and the shared flags,
 processes, device, precision and batch, the output folder (lock, log), checkpoints and what a resume must keep,
-the banner, divergence checks and the result file.
+stop signals, the banner, divergence checks, the result file, and how the processes stop together.
 
 Plain functions, called from the scripts in the order they read; nothing here knows a method (a test keeps it
 so): a script passes in its method's name and settings. What must be identical for a fair comparison (model,
@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
 import time
 
@@ -51,6 +53,7 @@ def bounded(cast, low, high=math.inf, open_low=False, open_high=False):
 COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
 POSITIVE = bounded(float, 0, open_low=True)
 SEED = bounded(int, 0, 2**31 - 1)  # the batch seeds are seed * 10^9 + ..., which must fit in 64 bits
+CPU_SIZES = ("nano", "tiny")  # the others are the papers' sizes, for GPUs
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -74,7 +77,9 @@ def shared_parser(doc):
     # data
     add("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
     add("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
-    add("--val-tokens", type=COUNT, default=recipe.val_tokens, help="size of the fixed validation set")
+    add("--val-tokens", type=COUNT, default=None,
+        help=f"size of the fixed validation set (default: the recipe's {recipe.val_tokens:,} for {size}, or the "
+             "whole validation split if it is smaller)")
     # model
     add("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
     # optimization
@@ -93,7 +98,10 @@ def shared_parser(doc):
     add("--eval-every", type=COUNT, default=None,
         help=f"evaluate every N steps and at the end (default: {recipe.evals} evaluations per run)")
     add("--log-every", type=COUNT, default=10, help="print and log the loss every N steps")
-    add("--ckpt-every", type=OFF_OR_COUNT, default=0, help="checkpoint every N steps and at the end (0: never)")
+    add("--ckpt-every", type=OFF_OR_COUNT, default=0,
+        help="also checkpoint every N steps (0: off); every run checkpoints at its end and on SIGTERM or Ctrl-C")
+    add("--ckpt-minutes", type=bounded(float, 0), default=0 if size in CPU_SIZES else 30,
+        help="also checkpoint every M minutes of wall-clock time (0: off)")
     add("--out-dir", default=None, help="where results go (default: out/<run>_<size>_<dataset>)")
     add("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     add("--dry-run", action="store_true", help="print the plan of the run and exit (nothing is written)")
@@ -190,14 +198,20 @@ def output_paths(args, run):
 
 def load_data(args, master, ddp):
     """(tokens, val): the dataset's token arrays and the fixed validation windows. Rank 0 prepares the default
-    corpus if needed, the others wait for it."""
+    corpus if needed, the others wait for it (and stop with rank 0's error line if there is none)."""
     if master:
-        tokens = load_tokens(args.dataset, args.seq_len)
-    if ddp:
-        dist.barrier()
+        try:
+            tokens = load_tokens(args.dataset, args.seq_len)
+        except SystemExit as e:
+            fail(e.code)
+    meet(ddp)
     if not master:
         tokens = load_tokens(args.dataset, args.seq_len)
-    return tokens, val_windows(tokens["val"], args.seq_len, args.val_tokens)
+    split = len(tokens["val"]) - 1  # the targets of windows read from it
+    if args.val_tokens and args.val_tokens > split:
+        sys.exit(f"error: --val-tokens {args.val_tokens:,} is more than the validation split of {args.dataset} "
+                 f"holds ({split:,} tokens)")
+    return tokens, val_windows(tokens["val"], args.seq_len, args.val_tokens or RECIPES[args.size].val_tokens)
 
 
 def new_model(args, device, param_dtype):
@@ -237,7 +251,11 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
     print(f"memory ({precision}, estimated from shapes): "
           + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
                        for k, v in estimate.items() if v) + "; activations not counted")
-    print(f"results -> {out_dir}/result.json and log.jsonl" + (" (dry run: nothing written)" if args.dry_run else ""))
+    every = ([f"every {args.ckpt_every:,} steps"] if args.ckpt_every else []) + (
+        [f"every {args.ckpt_minutes:g} min"] if args.ckpt_minutes else [])
+    print(f"results -> {out_dir}/result.json and log.jsonl | checkpoint {out_dir}/ckpt.pt: "
+          + ", ".join(every + ["at the end and on SIGTERM or Ctrl-C"])
+          + (" (dry run: nothing written)" if args.dry_run else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -257,11 +275,15 @@ def lr_schedule(step, lr, warmup_steps, max_steps, min_lr_ratio):
 # resume and the output folder
 
 
-def run_config(args, method, precision, hparams):
-    """What a resume must keep: the settings that make it the same run."""
+def run_config(args, method, precision, hparams, micro_batch, val):
+    """What a resume must keep: the settings that make it the same run, its schedule (the warmup as given: by
+    default a tenth of --max-steps, which a resume may extend), its batches (the micro-batch draws its own
+    windows) and its validation set. A resume may change the rest: --eval-every, --log-every, --ckpt-every,
+    --ckpt-minutes, the device, and --max-steps (up from the checkpoint's step)."""
     return {"method": method, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": args.seq_len,
-            "global_batch": args.global_batch, "precision": precision, "weight_decay": args.weight_decay,
-            "grad_clip": args.grad_clip, **hparams}
+            "global_batch": args.global_batch, "batch_size": micro_batch, "precision": precision,
+            "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay,
+            "grad_clip": args.grad_clip, "val_tokens": val[0].numel(), **hparams}
 
 
 def resume(args, ckpt_path, device, config, model, optimizer, max_steps):
@@ -272,22 +294,29 @@ def resume(args, ckpt_path, device, config, model, optimizer, max_steps):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         saved = ckpt["config"]
     except Exception as e:
-        sys.exit(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
+        leave(f"error: {ckpt_path} is not a checkpoint of this repository ({type(e).__name__}: {e})"[:300])
     for key in {**saved, **config}:
         if saved.get(key) != config.get(key):
-            sys.exit(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
+            leave(f"error: --resume with {key} {config.get(key)}, but {ckpt_path} was trained with "
                      f"{key} {saved.get(key)}; resume with the same settings or use another --out-dir")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["step"] > max_steps:
-        sys.exit(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {max_steps}")
+        leave(f"error: {ckpt_path} is at step {ckpt['step']}, beyond --max-steps {max_steps}")
     return ckpt["step"], ckpt["stats"]
 
 
 HELD_LOCKS = []
 
 
-def open_out_dir(out_dir, resume, start_step):
+def open_out_dir(out_dir, resume, start_step, master, ddp):
+    """The log, open on rank 0 (None on the others); an error there stops every process with its line."""
+    log = open_log(out_dir, resume, start_step) if master else None
+    meet(ddp)
+    return log
+
+
+def open_log(out_dir, resume, start_step):
     """Lock the folder (held until the process exits: a second run there stops) and open log.jsonl, which a
     resumed run keeps up to its checkpoint, rewritten atomically before anything else."""
     try:
@@ -295,9 +324,9 @@ def open_out_dir(out_dir, resume, start_step):
         lock = open(os.path.join(out_dir, ".lock"), "w")
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        sys.exit(f"error: another run is using {out_dir} (choose another --out-dir)")
+        return fail(f"error: another run is using {out_dir} (choose another --out-dir)")
     except OSError as e:
-        sys.exit(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
+        return fail(f"error: cannot write to --out-dir {out_dir}: {e.strerror}")
     HELD_LOCKS.append(lock)  # open as long as the process lives
     log_path = os.path.join(out_dir, "log.jsonl")
     kept = []
@@ -306,10 +335,8 @@ def open_out_dir(out_dir, resume, start_step):
             with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
                 if json.loads(line)["step"] <= start_step:
                     kept.append(line)
-    with open(log_path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(log_path + ".tmp", log_path)
-    return open(log_path, "a")
+    if write_file(log_path, lambda f: f.write("".join(kept).encode())):
+        return open(log_path, "a")
 
 
 def progress_bar(run, args, start_step, max_steps, master):
@@ -319,7 +346,7 @@ def progress_bar(run, args, start_step, max_steps, master):
 
 def time_estimate(bar, args, device_type, seconds, micro_batches):
     """On a CPU above tiny, how long the run will take, from its first micro-batch."""
-    if device_type == "cpu" and args.size not in ("nano", "tiny"):
+    if device_type == "cpu" and args.size not in CPU_SIZES:
         total = seconds * micro_batches
         bar.write(f"time estimate: {seconds:.1f} s for the first micro-batch, so about "
                   + (f"{total / 3600:,.1f} h" if total > 3600 else f"{total / 60:,.1f} min")
@@ -340,7 +367,7 @@ def mean_loss(loss_sum, accum, ddp, ddp_world, step):
         dist.all_reduce(loss_sum)
     loss = loss_sum.item() / (accum * ddp_world)
     if not math.isfinite(loss):
-        sys.exit(f"error: the training loss is {loss} at step {step + 1}: training diverged (try a lower --lr)")
+        leave(f"error: the training loss is {loss} at step {step + 1}: training diverged (try a lower --lr)")
     return loss
 
 
@@ -358,7 +385,7 @@ def time_step(stats, step, start_step, t0, tokens_per_step, device, device_type)
 
 def check_val(record, step):
     if not math.isfinite(record["val_ppl"]):
-        sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
+        leave(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
 
 
 def write_log(bar, log, record, stats, last):
@@ -367,19 +394,34 @@ def write_log(bar, log, record, stats, last):
     if stats["train_time"] > last[0]:
         record["tok_per_s"] = (stats["timed_tokens"] - last[1]) / (stats["train_time"] - last[0])
     bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-    log.write(json.dumps(record) + "\n")
-    log.flush()
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            log.close()  # the unwritten rest goes too: nothing is left to fail again at exit
+        fail(f"error: cannot write {log.name}: {e.strerror}")
     return stats["train_time"], stats["timed_tokens"]
 
 
+def checkpoint_due(args, step):
+    """A checkpoint every --ckpt-every steps and every --ckpt-minutes of wall-clock time (the end of the run and a
+    stop signal write one too)."""
+    by_steps = args.ckpt_every and (step + 1) % args.ckpt_every == 0
+    return by_steps or args.ckpt_minutes and time.time() - CHECKPOINTED["time"] >= 60 * args.ckpt_minutes
+
+
+CHECKPOINTED = {"time": time.time()}  # when this process started, then when it last wrote a checkpoint
+
+
 def save_checkpoint(ckpt_path, model, optimizer, step, config, stats):
-    """Atomic (a crash never leaves a half-written checkpoint), and never of non-finite weights."""
+    """Atomic (a crash or a disk out of space keeps the previous checkpoint whole), and never of non-finite weights."""
     if not all_finite(model.parameters()):
-        sys.exit(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
+        return fail(f"error: non-finite weights after step {step + 1}: training diverged (nothing saved)")
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
             "config": config, "stats": stats}
-    torch.save(ckpt, ckpt_path + ".tmp")
-    os.replace(ckpt_path + ".tmp", ckpt_path)
+    write_file(ckpt_path, lambda f: torch.save(ckpt, f))
+    CHECKPOINTED["time"] = time.time()
 
 
 # -----------------------------------------------------------------------------
@@ -389,8 +431,10 @@ def save_checkpoint(ckpt_path, model, optimizer, step, config, stats):
 def write_result(out_dir, run, args, method, hparams, record, model, optimizer, stats, n_flops, max_steps,
                  precision, device, device_type, ddp_world, micro_batch, accum):
     """result.json: the final validation, memory counted from the live tensors, speed, MFU and how it was run."""
+    if HELD:  # under DDP, the last checkpoint failed: finish stops every process with its error
+        return
     if not (all_finite(model.parameters()) and math.isfinite(record["val_ppl"])):
-        sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
+        return fail("error: non-finite weights or validation loss at the end: training diverged (no result written)")
     memory = {**memory_report(model, optimizer), "grads_bytes": stats["grads_bytes"]}
     if device_type == "cuda":
         memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -406,15 +450,135 @@ def write_result(out_dir, run, args, method, hparams, record, model, optimizer, 
               "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
               "world_size": ddp_world, "precision": precision, "micro_batch": micro_batch, "grad_accum": accum,
               "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
-    with open(os.path.join(out_dir, "result.json.tmp"), "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(os.path.join(out_dir, "result.json.tmp"), os.path.join(out_dir, "result.json"))
+    if not write_file(os.path.join(out_dir, "result.json"), lambda f: f.write(json.dumps(result, indent=2).encode())):
+        return
     print(f"val loss {result['val_loss']:.4f} | val ppl {result['val_ppl']:.2f} | "
           + " | ".join(f"{k.replace('_bytes', '')} {v / 2**20:.1f} MiB" for k, v in memory.items())
           + f" | {tokens_per_s or 0:,.0f} tok/s -> {out_dir}/result.json")
 
 
 def finish(ddp):
+    """The end of a run: under DDP the processes meet once rank 0 has written the results (an error it held stops
+    every one with its line), then leave together."""
+    meet(ddp)
     if ddp:
-        dist.barrier()  # the processes leave together: gloo aborts one whose peer is still writing the results
-        dist.destroy_process_group()
+        leave(0)
+
+
+# -----------------------------------------------------------------------------
+# writing files: atomically, and a failure is one line
+
+
+def write_file(path, write):
+    """write(f) into path.tmp, synced to disk, then renamed onto path: a crash, a kill or a disk out of space
+    leaves the previous file whole and no half-written one. Returns whether it was written; a failure is one error
+    line."""
+    tmp = path + ".tmp"
+    WRITING.append(tmp)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+    except (OSError, RuntimeError) as e:  # torch.save turns the OSError of a disk out of space into a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        while not isinstance(e, OSError) and e.__context__ is not None:
+            e = e.__context__
+        fail(f"error: cannot write {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+        return False
+    finally:
+        WRITING.remove(tmp)
+
+
+WRITING = []  # the temporary file being written, for a second stop signal to remove
+
+
+# -----------------------------------------------------------------------------
+# stopping: on a signal, on an error, at the end; under DDP every process at the same point
+
+
+def catch_stop_signals():
+    """SIGTERM (a cluster preempting the job) or SIGINT (Ctrl-C) stops the run after the current step, with a
+    checkpoint; another one, a second later or more, stops it at once. A signal repeated within that second is the
+    same stop: a scheduler that signals every process of a job and torchrun, which forwards it, deliver it twice."""
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if not STOP["signal"]:
+            STOP.update(signal=signum, time=time.time())
+            tqdm.write(f"{name}: stopping after this step, with a checkpoint ({name} again: at once, without one)",
+                       file=sys.stderr)
+        elif time.time() - STOP["time"] > 1:
+            for tmp in WRITING:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            print(f"error: {name} again: stopped at once, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+
+STOP = {"signal": 0, "time": 0.0}  # the first stop signal this process received, and when
+
+
+def stop_signal(ddp, device):
+    """The stop signal that ends the run after this step (0: none). Under DDP the processes meet here after every
+    step: one that received a signal stops all of them at this step, and an error rank 0 held stops all now."""
+    if not ddp:
+        return STOP["signal"]
+    flags = torch.tensor([STOP["signal"], len(HELD)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[1]:
+        meet(ddp)
+    return int(flags[0])
+
+
+def stop_run(signum, step, ckpt_path, bar, ddp):
+    """After a stop signal's checkpoint: every process exits with 128 + the signal, rank 0 saying how to resume."""
+    meet(ddp)  # unless rank 0 could not write it
+    bar.close()
+    if not ddp or dist.get_rank() == 0:
+        nodes, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        launch = "python" if not ddp else f"torchrun --nproc_per_node={local}" if nodes == local else "torchrun ..."
+        argv = sys.argv + ["--resume"] * ("--resume" not in sys.argv)
+        print(f"stopped by {signal.Signals(signum).name} after step {step + 1}, checkpoint in {ckpt_path}; "
+              f"resume with: {launch} {shlex.join(argv)}", file=sys.stderr)
+    leave(128 + signum)
+
+
+def fail(message):
+    """Stop with a one-line error. Under DDP, rank 0 alone writes the files: its error is held until the processes
+    next meet (before the loop, after every step, at the end), where every process stops with the same line
+    instead of dying in a collective that rank 0 never joins. Returns None, for a caller to return."""
+    if not dist.is_initialized():
+        sys.exit(message)
+    HELD.append(message)
+
+
+HELD = []  # rank 0's error line under DDP, until the processes meet
+
+
+def meet(ddp):
+    """Under DDP, every process stops with the error rank 0 held, if it holds one."""
+    if ddp:
+        held = [HELD[0] if HELD else None]
+        dist.broadcast_object_list(held, src=0)
+        if held[0]:
+            leave(held[0])
+
+
+def leave(code):
+    """Exit with code, a status or an error line. Under DDP with os._exit, once every file is flushed and the
+    process group destroyed: gloo's worker threads hold work objects that reference tensors (DDP's reducer), and
+    destroying them in the interpreter's finalization aborts the process ("terminate called without an active
+    exception", exit 134) after a run that succeeded."""
+    if not dist.is_initialized():
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    dist.destroy_process_group()
+    os._exit(code if isinstance(code, int) else 1)
