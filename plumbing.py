@@ -340,8 +340,12 @@ def open_log(out_dir, resume, start_step):
 
 
 def progress_bar(run, args, start_step, max_steps, master):
-    return tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
-                disable=not master)
+    BARS.append(tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=f"{run} {args.size}",
+                     disable=not master))
+    return BARS[-1]
+
+
+BARS = []  # closed before a last line is printed in the middle of the loop, so that the line is one of its own
 
 
 def time_estimate(bar, args, device_type, seconds, micro_batches):
@@ -514,6 +518,7 @@ def catch_stop_signals():
             for tmp in WRITING:
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
+            close_bars()
             print(f"error: {name} again: stopped at once, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -535,10 +540,10 @@ def stop_signal(ddp, device):
     return int(flags[0])
 
 
-def stop_run(signum, step, ckpt_path, bar, ddp):
+def stop_run(signum, step, ckpt_path, ddp):
     """After a stop signal's checkpoint: every process exits with 128 + the signal, rank 0 saying how to resume."""
     meet(ddp)  # unless rank 0 could not write it
-    bar.close()
+    close_bars()
     if not ddp or dist.get_rank() == 0:
         nodes, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         launch = "python" if not ddp else f"torchrun --nproc_per_node={local}" if nodes == local else "torchrun ..."
@@ -576,9 +581,15 @@ def leave(code):
     exception", exit 134) after a run that succeeded."""
     if not dist.is_initialized():
         sys.exit(code)
+    close_bars()
     if isinstance(code, str):
         print(code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     dist.destroy_process_group()
     os._exit(code if isinstance(code, int) else 1)
+
+
+def close_bars():
+    for bar in BARS:
+        bar.close()

@@ -135,7 +135,7 @@ for step in bar:
     if master and (last or stop or checkpoint_due(args, step)):
         save_checkpoint(ckpt_path, raw_model, optimizer, step, config, stats)
     if stop and not last:
-        stop_run(stop, step, ckpt_path, bar, ddp)
+        stop_run(stop, step, ckpt_path, ddp)
 
 # -----------------------------------------------------------------------------
 # results

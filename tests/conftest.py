@@ -2,7 +2,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -26,30 +25,15 @@ def run(cmd, check=True, timeout=600, env=None):
     """Run a command in the repo root; returns the CompletedProcess."""
     env = {**os.environ, **FAST_CPU, **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    return exited_0(cmd, proc) if check else proc
-
-
-def exited_0(cmd, proc):
-    """proc, if it exited 0; else an AssertionError with the end of its stderr."""
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
 
 
 def torchrun(script, out_dir, *args):
-    """Run script as 2 CPU processes under torchrun; returns the CompletedProcess.
-
-    torch 2.14's gloo has aborted a process once in CI as it exited, after the run had finished and written its
-    result ("terminate called without an active exception"; DDP keeps the process group alive past
-    destroy_process_group). Only that abort is run again, once, from scratch."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, *args,
-           "--out-dir", str(out_dir)]
-    proc = run(cmd, check=False)
-    if (proc.returncode != 0 and "terminate called without an active exception" in proc.stderr
-            and os.path.exists(os.path.join(out_dir, "result.json"))):
-        shutil.rmtree(out_dir)
-        proc = run(cmd, check=False)
-    return exited_0(cmd, proc)
+    """Run script as 2 CPU processes under torchrun; returns the CompletedProcess, which must have exited 0."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, *args,
+                "--out-dir", str(out_dir)])
 
 
 def error_of(proc):

@@ -1,0 +1,155 @@
+"""Long runs survive what clusters do to them: a stop signal (SIGTERM, Ctrl-C) checkpoints after the current step and
+says how to resume, and the resumed run is the straight run bit for bit; a full disk is one line that keeps the
+previous checkpoint; a resume refuses what would make it another run; an error on rank 0 alone stops every DDP
+process with the same line."""
+import fcntl
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import NANO, SCRIPTS, error_of, run, train
+
+STEPS = ["--max-steps", "4"]
+
+# the script, run in this process, sends itself stop signals once it has logged step $SIGNAL_STEP: one per pause
+# in $SIGNAL_PAUSES (seconds before it), as a scheduler or a user would between two steps
+SIGNAL = """import os, runpy, signal, sys, time
+import plumbing
+write_log = plumbing.write_log
+def write_log_then_signal(bar, log, record, *rest):
+    last = write_log(bar, log, record, *rest)
+    if record["step"] == int(os.environ["SIGNAL_STEP"]):
+        for pause in os.environ["SIGNAL_PAUSES"].split():
+            time.sleep(float(pause))
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+    return last
+plumbing.write_log = write_log_then_signal
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def signalled(script, out_dir, *extra, step=2, pauses="0 0", name="SIGTERM"):
+    """script on nano, stopped by signals after `step`; the process. Two signals at once by default: a scheduler
+    signals every process and torchrun forwards it, so a worker receives one stop twice."""
+    env = {"SIGNAL_STEP": str(step), "SIGNAL_PAUSES": pauses, "SIGNAL": name}
+    return run([sys.executable, "-c", SIGNAL, script, *NANO, *STEPS, "--out-dir", str(out_dir), *extra], check=False,
+               env=env)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The straight 4-step nano run of a script, once per module: (result, log, out_dir)."""
+    runs = {}
+
+    def get(script):
+        if script not in runs:
+            out = tmp_path_factory.mktemp("straight") / script
+            result, log, _ = train(script, out, *STEPS)
+            runs[script] = result, log, out
+        return runs[script]
+    return get
+
+
+def steps(log):
+    return [(r["step"], r["lr"], r["loss"], r.get("val_loss")) for r in log]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_stop_signal_checkpoints_and_the_printed_resume_is_the_straight_run(tmp_path, shakespeare, straight, script):
+    stopped = signalled(script, tmp_path)
+    assert stopped.returncode == 128 + 15, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    command = f"python {script} {shlex.join([*NANO, *STEPS, '--out-dir', str(tmp_path)])} --resume"
+    assert last == f"stopped by SIGTERM after step 2, checkpoint in {tmp_path}/ckpt.pt; resume with: {command}"
+    assert stopped.stderr.count("SIGTERM: stopping after this step") == 1  # the repeat is the same stop
+    assert not (tmp_path / "result.json").exists()
+    run([sys.executable, *shlex.split(command)[1:]])
+    result, log, _ = straight(script)
+    assert steps(json.loads(line) for line in open(tmp_path / "log.jsonl")) == steps(log)
+    assert json.load(open(tmp_path / "result.json"))["val_loss"] == result["val_loss"]
+
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, shakespeare):
+    proc = signalled("train_full.py", tmp_path, pauses="0 1.2", name="SIGINT")  # Ctrl-C, and again a second later
+    assert proc.returncode == 128 + 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: SIGINT again: stopped at once, without a checkpoint"
+    assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 56 MiB tmpfs: room for one nano checkpoint (37 MiB), not for the next one beside it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, shakespeare, straight, small_disk):
+    out = small_disk / "run"
+    _, _, proc = train("train_full.py", out, *STEPS, "--ckpt-every", "2", check=False)
+    assert error_of(proc) == f"error: cannot write {out}/ckpt.pt: No space left on device"
+    assert sorted(os.listdir(out)) == [".lock", "ckpt.pt", "log.jsonl"]  # the step-2 checkpoint, no temporary file
+    # the disk fills up: the log cannot be rewritten for a resume, and stays as it was
+    log_before = open(out / "log.jsonl").read()
+    with open(small_disk / "filler", "wb") as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 2**16)
+            f.flush()
+    _, _, proc = train("train_full.py", out, *STEPS, "--resume", check=False)
+    assert error_of(proc) == f"error: cannot write {out}/log.jsonl: No space left on device"
+    assert open(out / "log.jsonl").read() == log_before and not glob.glob(f"{out}/*.tmp")
+    # on a disk with room, the checkpoint left resumes the run as if nothing had happened
+    shutil.copytree(out, tmp_path / "moved")
+    resumed, log, _ = train("train_full.py", tmp_path / "moved", *STEPS, "--resume")
+    result, straight_log, _ = straight("train_full.py")
+    assert steps(log) == steps(straight_log) and resumed["val_loss"] == result["val_loss"]
+
+
+# the schedule, the validation set and the windows drawn per micro-batch
+CHANGES = [("--warmup-steps", "1", "warmup_steps", "None"), ("--min-lr-ratio", "0.5", "min_lr_ratio", "0.1"),
+           ("--val-tokens", "2048", "val_tokens", "4096"), ("--batch-size", "4", "batch_size", "8")]
+
+
+@pytest.mark.parametrize("flag,value,key,saved", CHANGES, ids=[c[0] for c in CHANGES])
+def test_a_resume_refuses_what_changes_the_run(shakespeare, straight, flag, value, key, saved):
+    _, log, out = straight("train_full.py")
+    _, _, proc = train("train_full.py", out, *STEPS, "--resume", flag, value, check=False)
+    assert error_of(proc) == (f"error: --resume with {key} {value}, but {out}/ckpt.pt was trained with {key} {saved}; "
+                              f"resume with the same settings or use another --out-dir")
+    assert [json.loads(line) for line in open(out / "log.jsonl")] == log
+
+
+def test_a_resume_allows_what_leaves_the_run_as_it_was(tmp_path, shakespeare, straight):
+    _, log, out = straight("train_full.py")
+    shutil.copytree(out, tmp_path / "run")
+    _, extended, _ = train("train_full.py", tmp_path / "run", "--max-steps", "6", "--resume", "--eval-every", "1",
+                           "--log-every", "2", "--ckpt-every", "5", "--ckpt-minutes", "1")
+    assert extended[:4] == log and [r["step"] for r in extended[4:]] == [5, 6]
+    assert all("val_loss" in r for r in extended[4:])
+
+
+def test_a_locked_out_dir_under_ddp_stops_every_process_with_one_line(tmp_path, shakespeare):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:  # another run holds the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--log-dir",
+                    str(tmp_path / "logs"), "--redirects", "3", "train_full.py", *NANO, "--out-dir", str(out)],
+                   check=False)
+    assert proc.returncode != 0
+    ranks = sorted(glob.glob(f"{tmp_path}/logs/*/attempt_0/*/stderr.log"))
+    assert len(ranks) == 2
+    for path in ranks:
+        stderr = open(path).read()
+        assert "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == f"error: another run is using {out} (choose another --out-dir)"
