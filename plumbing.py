@@ -240,13 +240,14 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
                micro_batch, accum, max_steps, warmup_steps, eval_every, out_dir):
     """The banner: what the run will do, before it does it."""
     counts, tokens_per_step = param_counts(model), args.global_batch * args.seq_len
+    whole = not args.val_tokens and RECIPES[args.size].val_tokens > len(tokens["val"]) - 1  # the default, capped
     estimate = estimate_bytes(args.size, method, precision, hparams)
     print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head), "
           f"{n_flops / 1e6:,.1f} MFLOP per token | {ddp_world} x {device_type} | {precision}")
     print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {args.global_batch} x {args.seq_len} = "
           f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-batch x {accum} accumulated x {ddp_world} "
           f"processes) | {max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
-          f"eval every {eval_every} on {val[0].numel():,} tokens")
+          f"eval every {eval_every:,} on {val[0].numel():,} tokens" + (" (the whole validation split)" if whole else ""))
     print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
     print(f"memory ({precision}, estimated from shapes): "
           + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"

@@ -137,6 +137,8 @@ BAD_INPUT = [
      "error: dataset 'text-x' is not prepared; run: python data.py text:PATH, with PATH your .txt file or folder "
      "named 'x'"),
     ("train_full.py", ["--val-tokens", "10"], "error: --val-tokens 10 is fewer than one window of --seq-len 64 tokens"),
+    ("train_full.py", ["--val-tokens", "200000"],
+     "error: --val-tokens 200,000 is more than the validation split of shakespeare holds (156,600 tokens)"),
     ("train_sltrain.py", ["--restart-every", "3"],
      "error: --recovery-steps 10 must be below --restart-every 3"),
     ("train_full.py", ["--seed", "20000000000"], "error: argument --seed: must be >= 0 and <= 2147483647, got 20000000000"),

@@ -12,35 +12,37 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import NANO, SCRIPTS, error_of, run, train
 
 STEPS = ["--max-steps", "4"]
 
-# the script, run in this process, sends itself stop signals once it has logged step $SIGNAL_STEP: one per pause
-# in $SIGNAL_PAUSES (seconds before it), as a scheduler or a user would between two steps
+# the script, run in this process, sends itself stop signals in step $SIGNAL_STEP, once it has trained (on rank
+# $SIGNAL_RANK under DDP): one per pause in $SIGNAL_PAUSES (the seconds before it), as a scheduler or a user would
 SIGNAL = """import os, runpy, signal, sys, time
+sys.path.insert(0, os.getcwd())
 import plumbing
-write_log = plumbing.write_log
-def write_log_then_signal(bar, log, record, *rest):
-    last = write_log(bar, log, record, *rest)
-    if record["step"] == int(os.environ["SIGNAL_STEP"]):
+stop_signal, steps = plumbing.stop_signal, []
+def signal_then_stop_signal(*args):
+    steps.append(1)
+    if len(steps) == int(os.environ["SIGNAL_STEP"]) and os.environ.get("RANK", "0") == os.environ["SIGNAL_RANK"]:
         for pause in os.environ["SIGNAL_PAUSES"].split():
             time.sleep(float(pause))
             os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
-    return last
-plumbing.write_log = write_log_then_signal
+    return stop_signal(*args)
+plumbing.stop_signal = signal_then_stop_signal
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+SIGNAL_ENV = {"SIGNAL_STEP": "2", "SIGNAL_RANK": "0", "SIGNAL_PAUSES": "0 0", "SIGNAL": "SIGTERM"}
 
 
-def signalled(script, out_dir, *extra, step=2, pauses="0 0", name="SIGTERM"):
-    """script on nano, stopped by signals after `step`; the process. Two signals at once by default: a scheduler
+def signalled(script, out_dir, *extra, **env):
+    """script on nano, stopped by signals in step 2; the process. Two signals at once by default: a scheduler
     signals every process and torchrun forwards it, so a worker receives one stop twice."""
-    env = {"SIGNAL_STEP": str(step), "SIGNAL_PAUSES": pauses, "SIGNAL": name}
     return run([sys.executable, "-c", SIGNAL, script, *NANO, *STEPS, "--out-dir", str(out_dir), *extra], check=False,
-               env=env)
+               env={**SIGNAL_ENV, **env})
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_a_stop_signal_checkpoints_and_the_printed_resume_is_the_straight_run(tm
 
 
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, shakespeare):
-    proc = signalled("train_full.py", tmp_path, pauses="0 1.2", name="SIGINT")  # Ctrl-C, and again a second later
+    proc = signalled("train_full.py", tmp_path, SIGNAL_PAUSES="0 1.2", SIGNAL="SIGINT")  # Ctrl-C, again 1.2 s later
     assert proc.returncode == 128 + 2
     assert proc.stderr.strip().splitlines()[-1] == "error: SIGINT again: stopped at once, without a checkpoint"
     assert sorted(os.listdir(tmp_path)) == [".lock", "log.jsonl"]
@@ -121,12 +123,21 @@ CHANGES = [("--warmup-steps", "1", "warmup_steps", "None"), ("--min-lr-ratio", "
 
 
 @pytest.mark.parametrize("flag,value,key,saved", CHANGES, ids=[c[0] for c in CHANGES])
-def test_a_resume_refuses_what_changes_the_run(shakespeare, straight, flag, value, key, saved):
-    _, log, out = straight("train_full.py")
-    _, _, proc = train("train_full.py", out, *STEPS, "--resume", flag, value, check=False)
-    assert error_of(proc) == (f"error: --resume with {key} {value}, but {out}/ckpt.pt was trained with {key} {saved}; "
-                              f"resume with the same settings or use another --out-dir")
-    assert [json.loads(line) for line in open(out / "log.jsonl")] == log
+def test_a_resume_refuses_what_changes_the_run(shakespeare, straight, monkeypatch, flag, value, key, saved):
+    """train_full.py's setup up to its resume, in this process (a process per refusal would cost seconds)."""
+    import plumbing
+    _, _, out = straight("train_full.py")
+    monkeypatch.setattr(sys, "argv", ["train_full.py", *NANO, *STEPS, "--out-dir", str(out), "--resume", flag, value])
+    parser, size = plumbing.shared_parser(None)
+    parser.add_argument("--lr", type=plumbing.POSITIVE)
+    args = plumbing.parse_args(parser, "full", size)
+    micro_batch, _ = plumbing.setup_batch(args, "cpu", "cpu", 1)
+    _, val = plumbing.load_data(args, True, False)
+    config = plumbing.run_config(args, "full", "fp32", {"lr": args.lr}, micro_batch, val)
+    with pytest.raises(SystemExit) as refused:  # before it loads anything into the model and the optimizer
+        plumbing.resume(args, os.path.join(out, "ckpt.pt"), "cpu", config, None, None, 4)
+    assert refused.value.code == (f"error: --resume with {key} {value}, but {out}/ckpt.pt was trained with {key} "
+                                  f"{saved}; resume with the same settings or use another --out-dir")
 
 
 def test_a_resume_allows_what_leaves_the_run_as_it_was(tmp_path, shakespeare, straight):
@@ -153,3 +164,20 @@ def test_a_locked_out_dir_under_ddp_stops_every_process_with_one_line(tmp_path, 
         stderr = open(path).read()
         assert "Traceback" not in stderr
         assert stderr.strip().splitlines()[-1] == f"error: another run is using {out} (choose another --out-dir)"
+
+
+def test_a_stop_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path, shakespeare):
+    (tmp_path / "send_signals.py").write_text(SIGNAL)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    args = [*NANO, *STEPS, "--out-dir", str(out)]
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--log-dir",
+                str(logs), "--redirects", "3", str(tmp_path / "send_signals.py"), "train_full.py", *args], check=False,
+               env={**SIGNAL_ENV, "SIGNAL_RANK": "1"})
+    assert proc.returncode != 0
+    rank0, rank1 = (open(p).read() for p in sorted(glob.glob(f"{logs}/*/attempt_0/*/stderr.log")))
+    assert "Traceback" not in rank0 + rank1 and "SIGTERM: stopping after this step" in rank1
+    assert rank0.strip().splitlines()[-1] == (f"stopped by SIGTERM after step 2, checkpoint in {out}/ckpt.pt; resume "
+                                              f"with: torchrun --nproc_per_node=2 train_full.py {shlex.join(args)} "
+                                              "--resume")
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2

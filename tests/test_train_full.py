@@ -4,7 +4,7 @@ from functools import partial
 
 import pytest
 
-from conftest import assert_resume_is_exact, official_cyclical_cosine, run, scheduler_lrs, train
+from conftest import official_cyclical_cosine, run, scheduler_lrs, train
 
 
 def test_loss_falls_on_nano(tmp_path, shakespeare):
@@ -27,10 +27,6 @@ def test_loss_falls_on_nano(tmp_path, shakespeare):
     assert result["precision"] == "fp32" and result["mfu"] is None  # no MFU on a CPU
 
 
-def test_resume_continues_bit_for_bit(tmp_path, shakespeare):
-    assert_resume_is_exact("train_full.py", tmp_path, "--lr", "3e-3", steps=10)
-
-
 def test_pure_bf16_trains_and_counts_two_bytes(tmp_path, shakespeare):
     result, log, _ = train("train_full.py", tmp_path, "--max-steps", "20", "--lr", "1e-2", "--precision", "bf16")
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
@@ -49,4 +45,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     proc = run([sys.executable, "train_full.py", "--size", "60m", "--dry-run", "--out-dir", str(out)])
     assert "512 x 256 = 131,072 tokens/step (8 per micro-batch x 64 accumulated x 1 processes)" in proc.stdout
     assert "10,000 steps = 1,310,720,000 tokens | warmup 1000" in proc.stdout
+    assert "eval every 1,000 on 156,416 tokens (the whole validation split)" in proc.stdout  # not 1,048,576
+    assert f"checkpoint {out}/ckpt.pt: every 30 min, at the end and on SIGTERM or Ctrl-C" in proc.stdout
     assert not os.path.exists(out)
