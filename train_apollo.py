@@ -48,6 +48,7 @@ from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, check_val, ddp_wra
 parser, size = shared_parser(__doc__)
 # --- METHOD: begin ---
 import argparse  # the variant picks the method's recipe row before the defaults are set, as --size picks the size's
+import hashlib  # the seeds of the random projections
 pre = argparse.ArgumentParser(add_help=False)
 pre.error = lambda message: sys.exit(f"error: {message}")
 pre.add_argument("--variant")
@@ -149,9 +150,10 @@ class Apollo(torch.optim.Optimizer):
 
 
 def projection_seed(seed, index, refresh):
-    """The seed of a matrix's projection: the run's seed, the matrix's place in its group, the refresh; so every
-    process and a resumed run draw the same P (refresh counts up to 2^20, matrices up to 2^12)."""
-    return seed * 2**32 + index * 2**20 + refresh
+    """The seed of a matrix's projection, from the run's seed, the matrix's place in its group and the refresh, so
+    that every process and a resumed run draw the same P. Hashed: torch's CPU generator keeps only the low 32 bits
+    of a seed, so seed * 2^32 + ... would draw the same P for every run seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed} {index} {refresh}".encode()).digest()[:8], "little")
 
 
 def projection(r, k, G, seed):
@@ -162,10 +164,10 @@ def projection(r, k, G, seed):
 
 r = args.rank
 apollo_params = [lin.weight for _, lin in compressible_matrices(model)]
-for m, n in {tuple(p.shape) for p in apollo_params}:
-    if r >= min(m, n):  # moments of max(m, n) x r: as large as AdamW's, or larger
-        sys.exit(f"error: --rank {r} must be below {min(m, n)}, the smaller side of the {m} x {n} matrices, "
-                 f"for APOLLO to keep less state than AdamW")
+smallest = min(min(p.shape) for p in apollo_params)
+if r >= smallest:  # moments of max(m, n) x r: as large as AdamW's 2 m n, or larger
+    sys.exit(f"error: --rank {r} must be below {smallest}, the smallest side of the attention and MLP matrices, "
+             f"for APOLLO to keep less state than AdamW")
 projected = {id(p) for p in apollo_params}
 settings = {"rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
             "scaling": "tensor" if args.variant == "mini" else "channel", "seed": args.seed}
