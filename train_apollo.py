@@ -27,7 +27,6 @@ Memory: weights and gradients N; states 2 max(m, n) r + 1 per matrix (Mini: r = 
 alpha is 1 for APOLLO (the paper folds it into lr) and sqrt(128) for APOLLO-Mini, whose rank-1 scale is small.
 """
 
-
 import contextlib
 import math
 import sys
