@@ -69,9 +69,9 @@ def test_peak_memory_follows_the_estimate(tmp_path):
     its step, and the activations of one sequence are what remains of the full-rank peak. GaLore, Fira and APOLLO
     step parameter by parameter, so they hold no such temporary. Every method's peak must lie within 15% of that
     prediction, and in the order the estimator gives: full > GaLore = Fira > low-rank, GaLore > APOLLO (no
-    projector kept) > APOLLO-Mini, and GaLore per layer (no full set of gradients) below GaLore. The per-layer peak is not held to the margin: the gradient being
-    stepped and GaLore's temporaries are alive during backward with the activations, which the estimate leaves
-    out (on an H200, 2026-11-26, it was 34% above its no-gradient estimate; the others within 9%)."""
+    projector kept) > APOLLO-Mini, and GaLore per layer (no full set of gradients) below GaLore. The per-layer
+    peak is not held to the margin: the gradient being stepped and GaLore's temporaries are alive during backward
+    with the activations, which the estimate leaves out (on an H200, 2026-11-26, it was 34% above its no-gradient estimate; the others within 9%)."""
     common = ["--size", "350m", "--max-steps", "4", "--global-batch", "1", "--batch-size", "1", "--seq-len", "256",
               "--val-tokens", "256", "--precision", "bf16"]
     lora_phase = {"train_relora.py": ["--warm-start-steps", "0", "--relora-every", "0"]}  # the estimate's phase
