@@ -220,6 +220,13 @@ METHODS = {
     # 50-100; 100 in the README), and after the warm start a warmup of a tenth of the period (the README's 500).
     "relora": {"script": "train_relora.py", "lr": 1.5e-3, "rank": RANKS, "alpha": ALPHA, "prune": "random",
                "prune_ratio": 0.999},
+    # APOLLO (Zhu et al., MLSys 2025) Table 2 and its scripts (scripts/pretrain_c4/llama_*_apollo*.sh): lr 0.01, T 200,
+    # the rank a quarter of d_model (130m: 192; 7b: Table 3's 256), alpha 1; APOLLO-Mini rank 1, alpha sqrt(128)
+    # (the paper's; its 130m script used sqrt(192)). nano and tiny as the other methods (r = d/4, T 25).
+    "apollo": {"script": "train_apollo.py", "variant": "apollo", "lr": 1e-2,
+               "rank": {**RANKS, "130m": 192, "7b": 256}, "update_proj_gap": PERIOD, "scale": 1.0},
+    "apollo_mini": {"script": "train_apollo.py", "variant": "mini", "lr": 1e-2, "rank": 1, "update_proj_gap": PERIOD,
+                    "scale": math.sqrt(128)},
 }
 
 # The benchmark's rows: a script's method and what differs from its defaults.
@@ -233,6 +240,8 @@ BENCH_ROWS = {
     "sltrain_restarts": ("sltrain", {}),
     "lora": ("relora", {"relora_every": 0, "warm_start_steps": 0}),
     "relora": ("relora", {}),
+    "apollo": ("apollo", {}),
+    "apollo_mini": ("apollo_mini", {}),
 }
 
 
@@ -283,7 +292,9 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
 
     Element counts: full: weights N, gradients N, AdamW moments 2N. galore/fira: the compressible m x n
     matrices keep full weights and gradients, but their moments live in the projected space (2 max(m,n) r)
-    plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. lowrank: each matrix becomes
+    plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. apollo/apollo_mini: the moments of
+    the random projection (2 max(m,n) r, r = 1 for Mini; the projection is drawn again, never stored) and the
+    limiter's norm (one scalar per matrix). lowrank: each matrix becomes
     B (m x r) A (r x n): weights, gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values,
     plus int32 (int64 above 2^31) indices. relora: the frozen W0 (m n) counts as weights, with no gradient
     and no state; the trainable B A has r(m+n). Everything else (embedding, head, norms) has full AdamW in
@@ -301,6 +312,10 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
     if method == "full":
         weights = trained = n_total
         states = 2 * n_total
+    elif method in ("apollo", "apollo_mini"):
+        r = (hparams or {}).get("rank", method_defaults(method, size)["rank"])
+        weights = trained = n_total
+        states = 2 * n_other + sum(2 * max(m, n) * r + 1 for m, n in shapes)
     elif method in ("galore", "fira"):
         weights = trained = n_total
         states = 2 * n_other + sum(2 * max(m, n) * min(r, m, n) + min(m, n) * min(r, m, n) for m, n in shapes)
@@ -367,7 +382,7 @@ def main():
     for size in sizes:
         get_config(size)
     if args.memory:
-        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora")
+        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora", "apollo", "apollo_mini")
         print("GB in pure bf16 (2 bytes per element, as the papers count): weights + optimizer states "
               "(as GaLore Table 2) | + gradients (as Fira Table 3); sltrain at delta 0.1 adds its int32 indices")
         print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods) + f" {'sltrain indices':>16}")

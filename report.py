@@ -16,7 +16,7 @@ from model import BENCH_ROWS, estimate_bytes
 
 LABELS = {"full": "Full-rank AdamW", "galore": "GaLore", "fira": "Fira", "lowrank": "Low-rank",
           "lowrank_restarts": "Low-rank + restarts", "sltrain": "SLTrain", "sltrain_restarts": "SLTrain + restarts",
-          "lora": "LoRA", "relora": "ReLoRA"}
+          "lora": "LoRA", "relora": "ReLoRA", "apollo": "APOLLO", "apollo_mini": "APOLLO-Mini"}
 
 # C4 validation perplexity (memory in GB, bf16) as the papers report them, full budgets, T5 tokenizer (32,000
 # tokens: their embeddings are smaller than ours). GaLore (Zhao et al. 2024) Table 2 counts weights +
@@ -41,6 +41,15 @@ PAPER = {
                                     "1b": (142.53, 3.57)})],
     "lowrank_restarts": [("Glentis et al.", {"1b": (15.013, None)})],
     "sltrain_restarts": [("Glentis et al.", {"1b": (14.37, None)})],
+    # APOLLO (Zhu et al., MLSys 2025) Table 2: rank d/4 (Mini: 1), lr 0.01, memory weights + optimizer states
+    "apollo": [("APOLLO Table 2", {"60m": (31.55, 0.24), "130m": (22.94, 0.52), "350m": (16.85, 1.22),
+                                   "1b": (14.20, 4.38)}),
+               ("Glentis et al. companion", {"60m": (30.94, None), "130m": (22.93, None), "350m": (16.75, None),
+                                             "1b": (14.20, None)})],
+    "apollo_mini": [("APOLLO Table 2", {"60m": (31.93, 0.12), "130m": (23.53, 0.25), "350m": (17.18, 0.69),
+                                        "1b": (14.17, 2.60)}),
+                    ("Glentis et al. companion", {"60m": (31.85, None), "130m": (23.63, None),
+                                                  "350m": (17.11, None), "1b": (14.13, None)})],
 }
 
 COLUMNS = ["method", "size", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",

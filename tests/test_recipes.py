@@ -10,7 +10,7 @@ from conftest import FAST_CPU, ROOT, SCRIPTS, train
 from model import METHODS, RECIPES, method_defaults
 
 # what each method does every few steps, as its log records it when it happens
-ACTIONS = {"train_galore.py": ["refreshes"], "train_fira.py": ["refreshes"],
+ACTIONS = {"train_galore.py": ["refreshes"], "train_fira.py": ["refreshes"], "train_apollo.py": ["refreshes"],
            "train_lowrank_refactor.py": ["refactorizations", "resets"],
            "train_sltrain.py": ["refactorizations", "resets"], "train_relora.py": ["merges"]}
 

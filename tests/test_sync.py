@@ -22,7 +22,7 @@ def skeleton(script):
 
 
 def test_the_methods():
-    assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py",
+    assert SCRIPTS == ["train_apollo.py", "train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py",
                        "train_relora.py", "train_sltrain.py"]
 
 
