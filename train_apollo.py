@@ -36,10 +36,11 @@ import torch
 
 from data import evaluate, get_batch
 from model import compressible_matrices, estimate_bytes, flops_per_token, get_config, tensor_bytes
-from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, check_val, ddp_wrap, finish, load_data, lr_schedule,
-                      mean_loss, new_model, open_out_dir, output_paths, parse_args, print_plan, progress_bar,
-                      resume, run_config, run_name, save_checkpoint, setup_batch, setup_precision, setup_processes,
-                      setup_steps, shared_parser, time_estimate, time_step, wrap_model, write_log, write_result)
+from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, catch_stop_signals, check_val, checkpoint_due, ddp_wrap,
+                      finish, load_data, lr_schedule, mean_loss, new_model, open_out_dir, output_paths, parse_args,
+                      print_plan, progress_bar, resume, run_config, run_name, save_checkpoint, setup_batch,
+                      setup_precision, setup_processes, setup_steps, shared_parser, stop_run, stop_signal,
+                      time_estimate, time_step, wrap_model, write_log, write_result)
 
 # -----------------------------------------------------------------------------
 # config: the flags every script shares (plumbing.py), then the method's; every default is the size's recipe
@@ -183,13 +184,14 @@ if master:
                micro_batch, accum, max_steps, warmup_steps, eval_every, out_dir)
 if args.dry_run:
     sys.exit(0)
-config = run_config(args, METHOD, precision, hparams)  # a resume must continue the same run
+config = run_config(args, METHOD, precision, hparams, micro_batch, val)  # a resume must continue the same run
 start_step, stats = resume(args, ckpt_path, device, config, raw_model, optimizer, max_steps)
 
 # -----------------------------------------------------------------------------
 # training loop
 
-log = open_out_dir(out_dir, args.resume, start_step) if master else None
+log = open_out_dir(out_dir, args.resume, start_step, master, ddp)  # rank 0 writes the files
+catch_stop_signals()  # SIGTERM (a preemption) or Ctrl-C: a checkpoint after the current step, then exit
 bar = progress_bar(run, args, start_step, max_steps, master)
 last_log, record = (0.0, 0), {}
 for step in bar:
@@ -237,8 +239,11 @@ for step in bar:
     if master and ((step + 1) % args.log_every == 0 or "val_loss" in record or method_log):
         last_log = write_log(bar, log, record, stats, last_log)
     bar.set_postfix(loss=f"{train_loss:.3f}")
-    if master and args.ckpt_every > 0 and ((step + 1) % args.ckpt_every == 0 or last):
+    stop = stop_signal(ddp, device)  # a stop signal to any process stops every process after this step
+    if master and (last or stop or checkpoint_due(args, step)):
         save_checkpoint(ckpt_path, raw_model, optimizer, step, config, stats)
+    if stop and not last:
+        stop_run(stop, step, ckpt_path, ddp)
 
 # -----------------------------------------------------------------------------
 # results
