@@ -576,10 +576,10 @@ def meet(ddp):
 
 
 def leave(code):
-    """Exit with code, a status or an error line. Under DDP with os._exit, once every file is flushed and the
-    process group destroyed: gloo's worker threads hold work objects that reference tensors (DDP's reducer), and
-    destroying them in the interpreter's finalization aborts the process ("terminate called without an active
-    exception", exit 134) after a run that succeeded."""
+    """Exit with code, a status or an error line. Under DDP every process leaves from the same point, together (a
+    barrier), with os._exit once every file is flushed and the process group destroyed: gloo's worker threads hold
+    work objects that reference tensors (DDP's reducer), and destroying them in the interpreter's finalization
+    aborts the process ("terminate called without an active exception", exit 134) after a run that succeeded."""
     if not dist.is_initialized():
         sys.exit(code)
     close_bars()
@@ -587,6 +587,7 @@ def leave(code):
         print(code, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
+    dist.barrier()
     dist.destroy_process_group()
     os._exit(code if isinstance(code, int) else 1)
 
