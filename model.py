@@ -220,6 +220,17 @@ METHODS = {
     # 50-100; 100 in the README), and after the warm start a warmup of a tenth of the period (the README's 500).
     "relora": {"script": "train_relora.py", "lr": 1.5e-3, "rank": RANKS, "alpha": ALPHA, "prune": "random",
                "prune_ratio": 0.999},
+    # Stable-SPAM: the authors' BF16 run (TianjinYellow/StableSPAM scripts_BF16/stablespam.sh, 130m: lr 8e-4, gamma1
+    # 0.85, gamma2 0.99999, gamma3 0.999, a reset every 1000 steps, eta 0.5); lr 1e-3 elsewhere is their README's.
+    # SPAM: the authors' scripts (TianjinYellow/SPAM-Optimizer scripts/: 130m 8e-4, 350m 4e-4, dT 500, theta 5000)
+    # and their README's warmup N = 150; 1b's 2e-4 continues the halving (their 1b script's 2e-3 cannot run as
+    # released). nano and tiny reset every 25 steps (SPAM warms up over 10), so that 100-step runs reset.
+    "stable_spam": {"script": "train_stable_spam.py", "variant": "stable_spam", "lr": {"130m": 8e-4, "*": 1e-3},
+                    "reset_every": {"nano": 25, "tiny": 25, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
+                    "gamma3": 0.999, "eta": 0.5},
+    "spam": {"script": "train_stable_spam.py", "variant": "spam",
+             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "*": 500},
+             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "*": 150}},
 }
 
 # The benchmark's rows: a script's method and what differs from its defaults.
@@ -233,6 +244,8 @@ BENCH_ROWS = {
     "sltrain_restarts": ("sltrain", {}),
     "lora": ("relora", {"relora_every": 0, "warm_start_steps": 0}),
     "relora": ("relora", {}),
+    "stable_spam": ("stable_spam", {}),
+    "spam": ("spam", {}),
 }
 
 
@@ -298,7 +311,7 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
     n_total = sum(p.numel() for p in model.parameters())
     n_other = n_total - sum(m * n for m, n in shapes)
     index_bytes = 0
-    if method == "full":
+    if method in ("full", "stable_spam", "spam"):  # Adam's two moments (Stable-SPAM's 3 scalars per tensor aside)
         weights = trained = n_total
         states = 2 * n_total
     elif method in ("galore", "fira"):

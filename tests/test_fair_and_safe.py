@@ -139,6 +139,14 @@ BAD_INPUT = [
     ("train_full.py", ["--val-tokens", "10"], "error: --val-tokens 10 is fewer than one window of --seq-len 64 tokens"),
     ("train_sltrain.py", ["--restart-every", "3"],
      "error: --recovery-steps 10 must be below --restart-every 3"),
+    ("train_stable_spam.py", ["--variant", "adam"],
+     "error: argument --variant: invalid choice: 'adam' (choose from 'stable_spam', 'spam')"),
+    ("train_stable_spam.py", ["--gamma2", "1"], "error: argument --gamma2: must be >= 0 and < 1, got 1"),
+    ("train_stable_spam.py", ["--eta", "1.5"], "error: argument --eta: must be >= 0 and <= 1, got 1.5"),
+    ("train_stable_spam.py", ["--reset-every", "-5"], "error: argument --reset-every: must be >= 0, got -5"),
+    ("train_stable_spam.py", ["--threshold", "100"], "error: --threshold is a setting of --variant spam"),
+    ("train_stable_spam.py", ["--variant", "spam", "--gamma1", "0.7"],
+     "error: --gamma1 is a setting of --variant stable_spam"),
     ("train_full.py", ["--seed", "20000000000"], "error: argument --seed: must be >= 0 and <= 2147483647, got 20000000000"),
 ]
 
