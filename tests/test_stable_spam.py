@@ -225,7 +225,8 @@ def nano_runs(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["stable_spam", "spam"])
 def test_loss_falls_with_resets(nano_runs, variant):
     result, log, _ = nano_runs[variant]
-    assert log[-1]["loss"] < log[0]["loss"] - 2.0 and result["val_ppl"] < 3000
+    # from ~10.8 (uniform) towards unigram statistics, and the validation loss with it
+    assert log[-1]["loss"] < log[0]["loss"] - 2.0 and result["val_loss"] < log[0]["loss"] - 1.5
     assert [r["step"] for r in log if "resets" in r] == [8, 16, 24] and log[-1]["resets"] == 3
     assert result["variant"] == variant and result["method"] == variant and result["args"]["grad_clip"] == 0.0
     assert all("grad_norm" not in r for r in log)  # the authors' runs clip nothing
