@@ -228,6 +228,10 @@ METHODS = {
     "stable_spam": {"script": "train_stable_spam.py", "variant": "stable_spam", "lr": {"130m": 8e-4, "*": 1e-3},
                     "reset_every": {"nano": 25, "tiny": 25, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
                     "gamma3": 0.999, "eta": 0.5},
+    # Muon: torch.optim.Muon's momentum 0.95 and 5 Newton-Schulz steps (Keller Jordan's), Moonlight's lr scaling so
+    # that AdamW's lr serves (full's 1e-3: ours, no Muon run of the benchmark papers gives its lr)
+    "muon": {"script": "train_muon.py", "lr": 1e-3, "momentum": 0.95, "ns_steps": 5,
+             "adjust_lr_fn": "match_rms_adamw"},
     "spam": {"script": "train_stable_spam.py", "variant": "spam",
              "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "*": 500},
              "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "*": 150}},
@@ -246,6 +250,7 @@ BENCH_ROWS = {
     "relora": ("relora", {}),
     "stable_spam": ("stable_spam", {}),
     "spam": ("spam", {}),
+    "muon": ("muon", {}),
 }
 
 
@@ -318,6 +323,9 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
         weights = trained = n_total
         states = 2 * n_other + sum(2 * max(m, n) * min(r, m, n) + min(m, n) * min(r, m, n) for m, n in shapes)
         states += len(shapes) if method == "fira" else 0
+    elif method == "muon":  # one momentum per matrix element, AdamW's two moments for the rest
+        weights = trained = n_total
+        states = sum(m * n for m, n in shapes) + 2 * n_other
     elif method == "lowrank":
         weights = trained = n_other + sum(r * (m + n) for m, n in shapes)
         states = 2 * weights

@@ -70,7 +70,8 @@ parser.add_argument("--gamma3", type=UNIT, help="Stable-SPAM: decay of the runni
 parser.add_argument("--eta", type=bounded(float, 0, 1),
                     help="Stable-SPAM: b1 and gamma1 decay by a cosine to eta times their value over T steps")
 parser.add_argument("--decay-steps", type=COUNT, help="Stable-SPAM: T (default: the run's steps, the authors' total_T)")
-parser.add_argument("--threshold", type=bounded(float, 0), help="SPAM: theta, a spike is G^2 > theta V (0: no clipping)")
+parser.add_argument("--threshold", type=bounded(float, 0),
+                    help="SPAM: theta, a spike is G^2 > theta V (0: no clipping)")
 parser.add_argument("--recovery-steps", type=OFF_OR_COUNT,
                     help="SPAM: N, the update's cosine warmup from 0.01x over the N steps from each reset")
 parser.set_defaults(grad_clip=0.0)  # the authors' runs clip no gradient norm
@@ -172,7 +173,8 @@ class SPAM(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             group["run_step"] = s = group["run_step"] + 1
-            every, n, theta, (b1, b2) = group["reset_every"], group["recovery_steps"], group["threshold"], group["betas"]
+            every, n, theta = group["reset_every"], group["recovery_steps"], group["threshold"]
+            b1, b2 = group["betas"]
             since = s % every if every and s >= every else None  # steps since the latest reset
             phi = 1 - 0.99 * (1 + math.cos(math.pi * since / (n + 1))) / 2 if since is not None and since < n else 1
             clip = theta and s >= self.SPIKE_FREE_STEPS and (not every or s % every >= self.SPIKE_FREE_STEPS)
@@ -199,8 +201,9 @@ class SPAM(torch.optim.Optimizer):
 
 own, other = (STABLE_SPAM_FLAGS, SPAM_FLAGS) if METHOD == "stable_spam" else (SPAM_FLAGS, STABLE_SPAM_FLAGS)
 given = [k for k in other if getattr(args, k) is not None]
-if given:
-    sys.exit(f"error: --{given[0].replace('_', '-')} is a setting of --variant {'spam' if METHOD != 'spam' else 'stable_spam'}")
+if given:  # a flag of the other variant would do nothing
+    other_variant = "spam" if METHOD == "stable_spam" else "stable_spam"
+    sys.exit(f"error: --{given[0].replace('_', '-')} is a setting of --variant {other_variant}")
 settings = {k: getattr(args, k) for k in own}
 if METHOD == "stable_spam":
     settings["decay_steps"] = args.decay_steps or max_steps

@@ -23,7 +23,7 @@ def skeleton(script):
 
 def test_the_methods():
     assert SCRIPTS == ["train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py",
-                       "train_relora.py", "train_sltrain.py", "train_stable_spam.py"]
+                       "train_muon.py", "train_relora.py", "train_sltrain.py", "train_stable_spam.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
