@@ -299,7 +299,8 @@ def memory_report(model, optimizer):
 def estimate_bytes(size, method, precision="bf16", hparams=None):
     """Weights, gradients, optimizer states and index buffers, from the shapes alone (nothing is allocated).
 
-    Element counts: full: weights N, gradients N, AdamW moments 2N. galore/fira: the compressible m x n
+    Element counts: full (and stable_spam, spam): weights N, gradients N, Adam moments 2N (Stable-SPAM's three
+    scalars per tensor not counted). muon: one momentum per matrix element, AdamW's two for the rest. galore/fira: the compressible m x n
     matrices keep full weights and gradients, but their moments live in the projected space (2 max(m,n) r)
     plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. lowrank: each matrix becomes
     B (m x r) A (r x n): weights, gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values,
@@ -388,7 +389,7 @@ def main():
     for size in sizes:
         get_config(size)
     if args.memory:
-        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora")
+        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora", "muon")  # stable_spam, spam: as full
         print("GB in pure bf16 (2 bytes per element, as the papers count): weights + optimizer states "
               "(as GaLore Table 2) | + gradients (as Fira Table 3); sltrain at delta 0.1 adds its int32 indices")
         print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods) + f" {'sltrain indices':>16}")

@@ -16,7 +16,7 @@ from model import BENCH_ROWS, estimate_bytes
 
 LABELS = {"full": "Full-rank AdamW", "galore": "GaLore", "fira": "Fira", "lowrank": "Low-rank",
           "lowrank_restarts": "Low-rank + restarts", "sltrain": "SLTrain", "sltrain_restarts": "SLTrain + restarts",
-          "lora": "LoRA", "relora": "ReLoRA"}
+          "lora": "LoRA", "relora": "ReLoRA", "stable_spam": "Stable-SPAM", "spam": "SPAM", "muon": "Muon"}
 
 # C4 validation perplexity (memory in GB, bf16) as the papers report them, full budgets, T5 tokenizer (32,000
 # tokens: their embeddings are smaller than ours). GaLore (Zhao et al. 2024) Table 2 counts weights +
@@ -41,6 +41,11 @@ PAPER = {
                                     "1b": (142.53, 3.57)})],
     "lowrank_restarts": [("Glentis et al.", {"1b": (15.013, None)})],
     "sltrain_restarts": [("Glentis et al.", {"1b": (14.37, None)})],
+    # the companion paper's table, as its Adam row (weights + states)
+    "stable_spam": [("Glentis et al. companion", {"60m": (28.77, 0.35), "130m": (22.20, 0.81), "350m": (16.80, 2.21),
+                                                  "1b": (13.97, 8.04)})],
+    "muon": [("Glentis et al. companion", {"60m": (28.86, 0.23), "130m": (22.20, 0.54), "350m": (16.70, 1.47),
+                                           "1b": (14.18, 5.36)})],
 }
 
 COLUMNS = ["method", "size", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",

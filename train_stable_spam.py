@@ -9,19 +9,19 @@ Stable-SPAM (and plain SPAM with --variant spam): Adam with spike-aware clipping
 Stable-SPAM (Huang et al. 2025, "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam") as the
 authors' StableSPAM optimizer (TianjinYellow/StableSPAM, galore_torch/stablespam.py; the same as pt_stable_spam in
 OptimAI-Lab/Memory_Efficient_Pretraining) computes it, for every parameter (each tensor on its own) at run step
-s = 1, 2, ... with gradient G and the tensor's step k (k = s until the first reset):
+s = 1, 2, ... with gradient G and the tensor's step k (k = s until the first reset), ||G|| its Frobenius norm:
     rho_s = eta + (1 - eta) (1 + cos(pi s / (T + 1))) / 2       b1 and gamma1 decay to eta x over T = --decay-steps
     m_max = g3 m_max + (1 - g3) max|G|;  h = m_max / (1 - g3^k)    adaptive spike threshold
-    G <- G h / max|G|   where |G| > h                               spike-aware clipping
-    c = gamma1 rho_s;  m_n = c m_n + (1 - c) |G|;  v_n = g2 v_n + (1 - g2) |G|^2
-    G <- G (m_n / (1 - c^k)) / (sqrt(v_n / (1 - g2^k)) + eps) / |G|  adaptive gradient-norm scaling (|G| > 0)
+    G <- G h / max|G|   where |G| > h                               spike-aware clipping, entry by entry
+    c = gamma1 rho_s;  m_n = c m_n + (1 - c) ||G||;  v_n = g2 v_n + (1 - g2) ||G||^2
+    G <- G (m_n / (1 - c^k)) / (sqrt(v_n / (1 - g2^k)) + eps) / ||G||     adaptive gradient-norm scaling
     if s % dT == 0:  k <- 1                                         momentum reset (M, V zeroed after this step)
     b = b1 rho_s;  M = b M + (1 - b) G;  V = b2 V + (1 - b2) G^2
     W <- W (1 - lr wd) - lr (M / (1 - b^k)) / (sqrt(V / (1 - b2^k)) + eps)
-|G| is the tensor's Frobenius norm, b1 = 0.9, b2 = 0.999, eps = 1e-8. As in their code, the reset step still
-updates with the old moments (bias-corrected as if k = 1), and k restarts at 1 for the three norm statistics too:
-for a while after a reset their bias correction makes h large (no clipping) and the scaled norm small (g2 close
-to 1: about 0.16 |G| just after it), which acts as the reset's warmup.
+with b1 = 0.9, b2 = 0.999, eps = 1e-8. As in their code, the reset step still updates with the old moments
+(bias-corrected as if k = 1), and k restarts at 1 for the three norm statistics too: for a while after a reset
+their bias corrections make h large (no clipping) and the rescaled norm small (about 0.16 of its mean just after
+the first reset at dT 1000, g2 0.99999), which acts as the reset's warmup.
 SPAM (Huang et al., ICLR 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training") as the
 authors' SPAM optimizer (TianjinYellow/SPAM-Optimizer, galore_torch/SPAM.py) computes it:
     if s % dT == 0:  M, V <- 0                                      momentum reset (before this step's update)
