@@ -144,8 +144,7 @@ class StableSPAM(torch.optim.Optimizer):
                 state["norm_avg"] = c * state["norm_avg"] + (1 - c) * norm
                 state["norm_sq_avg"] = g2 * state["norm_sq_avg"] + (1 - g2) * norm ** 2
                 target = (state["norm_avg"] / (1 - c ** k)) / (torch.sqrt(state["norm_sq_avg"] / (1 - g2 ** k)) + eps)
-                if norm > 0:
-                    grad = grad / norm * target
+                grad = torch.where(norm > 0, grad / norm * target, grad)  # as their `if norm > 0`, without a sync
                 if reset:  # this step still moves with the old moments, bias-corrected as a first step
                     state["step"] = k = 1
                 # Adam, its b1 decayed with gamma1
