@@ -300,15 +300,15 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
     """Weights, gradients, optimizer states and index buffers, from the shapes alone (nothing is allocated).
 
     Element counts: full (and stable_spam, spam): weights N, gradients N, Adam moments 2N (Stable-SPAM's three
-    scalars per tensor not counted). muon: one momentum per matrix element, AdamW's two for the rest.
-    galore/fira: the compressible m x n matrices keep full weights and gradients, but their moments live in the
-    projected space (2 max(m,n) r) plus the projector (min(m,n) r); Fira adds one norm scalar per matrix.
-    lowrank: each matrix becomes B (m x r) A (r x n): weights, gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values,
-    plus int32 (int64 above 2^31) indices. relora: the frozen W0 (m n) counts as weights, with no gradient
-    and no state; the trainable B A has r(m+n). Everything else (embedding, head, norms) has full AdamW in
-    every method. Bytes per element: 2 in pure bf16 (the papers' convention), 4 in mixed and fp32 (fp32
-    weights, gradients and states). AdamW's 4-byte step counters are not counted. hparams: the run's rank and
-    SLTrain density, if they differ from the defaults (RANKS[size], delta 0.1).
+    scalars per tensor not counted). muon: one momentum per matrix element, AdamW's two for the rest. galore/fira:
+    the compressible m x n matrices keep full weights and gradients, but their moments live in the projected space
+    (2 max(m,n) r) plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. lowrank: each matrix
+    becomes B (m x r) A (r x n): weights, gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values, plus
+    int32 (int64 above 2^31) indices. relora: the frozen W0 (m n) counts as weights, with no gradient and no state;
+    the trainable B A has r(m+n). Everything else (embedding, head, norms) has full AdamW in every method. Bytes per
+    element: 2 in pure bf16 (the papers' convention), 4 in mixed and fp32 (fp32 weights, gradients and states).
+    AdamW's 4-byte step counters are not counted. hparams: the run's rank and SLTrain density, if they differ from
+    the defaults (RANKS[size], delta 0.1).
     """
     r, delta = (hparams or {}).get("rank", RANKS[size]), (hparams or {}).get("delta", 0.1)
     with torch.device("meta"):
