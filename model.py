@@ -225,8 +225,23 @@ METHODS = {
     # (the paper's; its 130m script used sqrt(192)). nano and tiny as the other methods (r = d/4, T 25).
     "apollo": {"script": "train_apollo.py", "variant": "apollo", "lr": 1e-2,
                "rank": {**RANKS, "130m": 192, "7b": 256}, "update_proj_gap": PERIOD, "scale": 1.0},
-    "apollo_mini": {"script": "train_apollo.py", "variant": "mini", "lr": 1e-2, "rank": 1, "update_proj_gap": PERIOD,
-                    "scale": math.sqrt(128)},
+    "apollo_mini": {"script": "train_apollo.py", "variant": "apollo_mini", "lr": 1e-2, "rank": 1,
+                    "update_proj_gap": PERIOD, "scale": math.sqrt(128)},
+    # Stable-SPAM: the authors' BF16 run (TianjinYellow/StableSPAM scripts_BF16/stablespam.sh, 130m: lr 8e-4, gamma1
+    # 0.85, gamma2 0.99999, gamma3 0.999, a reset every 1000 steps, eta 0.5); lr 1e-3 elsewhere is their README's.
+    # SPAM: the authors' scripts (TianjinYellow/SPAM-Optimizer scripts/: 130m 8e-4, 350m 4e-4, dT 500, theta 5000)
+    # and their README's warmup N = 150; 1b's 2e-4 continues the halving (their 1b script's 2e-3 cannot run as
+    # released). nano and tiny reset every 25 steps (SPAM warms up over 10), so that 100-step runs reset.
+    "stable_spam": {"script": "train_stable_spam.py", "variant": "stable_spam", "lr": {"130m": 8e-4, "*": 1e-3},
+                    "reset_every": {"nano": 25, "tiny": 25, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
+                    "gamma3": 0.999, "eta": 0.5},
+    # Muon: torch.optim.Muon's momentum 0.95 and 5 Newton-Schulz steps (Keller Jordan's), Moonlight's lr scaling so
+    # that AdamW's lr serves (full's 1e-3: ours, no Muon run of the benchmark papers gives its lr)
+    "muon": {"script": "train_muon.py", "lr": 1e-3, "momentum": 0.95, "ns_steps": 5,
+             "adjust_lr_fn": "match_rms_adamw"},
+    "spam": {"script": "train_stable_spam.py", "variant": "spam",
+             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "*": 500},
+             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "*": 150}},
 }
 
 # The benchmark's rows: a script's method and what differs from its defaults.
@@ -242,6 +257,9 @@ BENCH_ROWS = {
     "relora": ("relora", {}),
     "apollo": ("apollo", {}),
     "apollo_mini": ("apollo_mini", {}),
+    "stable_spam": ("stable_spam", {}),
+    "spam": ("spam", {}),
+    "muon": ("muon", {}),
 }
 
 
@@ -290,17 +308,18 @@ def memory_report(model, optimizer):
 def estimate_bytes(size, method, precision="bf16", hparams=None):
     """Weights, gradients, optimizer states and index buffers, from the shapes alone (nothing is allocated).
 
-    Element counts: full: weights N, gradients N, AdamW moments 2N. galore/fira: the compressible m x n
-    matrices keep full weights and gradients, but their moments live in the projected space (2 max(m,n) r)
-    plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. apollo/apollo_mini: the moments of
-    the random projection (2 max(m,n) r, r = 1 for Mini; the projection is drawn again, never stored) and the
-    limiter's norm (one scalar per matrix). lowrank: each matrix becomes
-    B (m x r) A (r x n): weights, gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values,
-    plus int32 (int64 above 2^31) indices. relora: the frozen W0 (m n) counts as weights, with no gradient
-    and no state; the trainable B A has r(m+n). Everything else (embedding, head, norms) has full AdamW in
-    every method. Bytes per element: 2 in pure bf16 (the papers' convention), 4 in mixed and fp32 (fp32
-    weights, gradients and states). AdamW's 4-byte step counters are not counted. hparams: the run's rank and
-    SLTrain density, if they differ from the defaults (RANKS[size], delta 0.1).
+    Element counts: full (and stable_spam, spam): weights N, gradients N, Adam moments 2N (Stable-SPAM's three
+    scalars per tensor not counted). muon: one momentum per matrix element, AdamW's two for the rest. galore/fira:
+    the compressible m x n matrices keep full weights and gradients, but their moments live in the projected space
+    (2 max(m,n) r) plus the projector (min(m,n) r); Fira adds one norm scalar per matrix. apollo/apollo_mini: the
+    moments of the random projection (2 max(m,n) r, r = 1 for Mini; the projection is drawn again, never stored)
+    and the limiter's norm (one scalar per matrix). lowrank: each matrix becomes B (m x r) A (r x n): weights,
+    gradients and each moment r(m+n). sltrain: r(m+n) + delta m n values, plus int32 (int64 above 2^31) indices.
+    relora: the frozen W0 (m n) counts as weights, with no gradient and no state; the trainable B A has r(m+n).
+    Everything else (embedding, head, norms) has full AdamW in every method. Bytes per element: 2 in pure bf16 (the
+    papers' convention), 4 in mixed and fp32 (fp32 weights, gradients and states). AdamW's 4-byte step counters are
+    not counted. hparams: the run's rank and SLTrain density, if they differ from the defaults (RANKS[size], delta
+    0.1).
     """
     r, delta = (hparams or {}).get("rank", RANKS[size]), (hparams or {}).get("delta", 0.1)
     with torch.device("meta"):
@@ -309,7 +328,7 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
     n_total = sum(p.numel() for p in model.parameters())
     n_other = n_total - sum(m * n for m, n in shapes)
     index_bytes = 0
-    if method == "full":
+    if method in ("full", "stable_spam", "spam"):  # Adam's two moments (Stable-SPAM's 3 scalars per tensor aside)
         weights = trained = n_total
         states = 2 * n_total
     elif method in ("apollo", "apollo_mini"):
@@ -320,6 +339,9 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
         weights = trained = n_total
         states = 2 * n_other + sum(2 * max(m, n) * min(r, m, n) + min(m, n) * min(r, m, n) for m, n in shapes)
         states += len(shapes) if method == "fira" else 0
+    elif method == "muon":  # one momentum per matrix element, AdamW's two moments for the rest
+        weights = trained = n_total
+        states = sum(m * n for m, n in shapes) + 2 * n_other
     elif method == "lowrank":
         weights = trained = n_other + sum(r * (m + n) for m, n in shapes)
         states = 2 * weights
@@ -382,7 +404,8 @@ def main():
     for size in sizes:
         get_config(size)
     if args.memory:
-        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora", "apollo", "apollo_mini")
+        # stable_spam, spam: as full
+        methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora", "muon", "apollo", "apollo_mini")
         print("GB in pure bf16 (2 bytes per element, as the papers count): weights + optimizer states "
               "(as GaLore Table 2) | + gradients (as Fira Table 3); sltrain at delta 0.1 adds its int32 indices")
         print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods) + f" {'sltrain indices':>16}")

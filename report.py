@@ -16,7 +16,8 @@ from model import BENCH_ROWS, estimate_bytes
 
 LABELS = {"full": "Full-rank AdamW", "galore": "GaLore", "fira": "Fira", "lowrank": "Low-rank",
           "lowrank_restarts": "Low-rank + restarts", "sltrain": "SLTrain", "sltrain_restarts": "SLTrain + restarts",
-          "lora": "LoRA", "relora": "ReLoRA", "apollo": "APOLLO", "apollo_mini": "APOLLO-Mini"}
+          "lora": "LoRA", "relora": "ReLoRA", "stable_spam": "Stable-SPAM", "spam": "SPAM", "muon": "Muon",
+          "apollo": "APOLLO", "apollo_mini": "APOLLO-Mini"}
 
 # C4 validation perplexity (memory in GB, bf16) as the papers report them, full budgets, T5 tokenizer (32,000
 # tokens: their embeddings are smaller than ours). GaLore (Zhao et al. 2024) Table 2 counts weights +
@@ -50,6 +51,11 @@ PAPER = {
                                         "1b": (14.17, 2.60)}),
                     ("Glentis et al. companion", {"60m": (31.85, None), "130m": (23.63, None),
                                                   "350m": (17.11, None), "1b": (14.13, None)})],
+    # the companion paper's table, as its Adam row (weights + states)
+    "stable_spam": [("Glentis et al. companion", {"60m": (28.77, 0.35), "130m": (22.20, 0.81), "350m": (16.80, 2.21),
+                                                  "1b": (13.97, 8.04)})],
+    "muon": [("Glentis et al. companion", {"60m": (28.86, 0.23), "130m": (22.20, 0.54), "350m": (16.70, 1.47),
+                                           "1b": (14.18, 5.36)})],
 }
 
 COLUMNS = ["method", "size", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",

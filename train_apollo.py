@@ -3,7 +3,7 @@ APOLLO and APOLLO-Mini: full-rank weights; Adam runs on a random projection of e
 
     python train_apollo.py                                 # tiny on CPU, the embedded Shakespeare corpus
     python train_apollo.py --size 60m --dataset c4         # one GPU, APOLLO's 60m run (r 128, lr 0.01, T 200)
-    python train_apollo.py --size 60m --dataset c4 --variant mini    # APOLLO-Mini: r 1, one scale per tensor
+    python train_apollo.py --size 60m --dataset c4 --variant apollo_mini  # APOLLO-Mini: r 1, one scale per tensor
     torchrun --nproc_per_node=4 train_apollo.py --size 1b --dataset c4
 
 The method (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", MLSys 2025, Alg. 1), for each
@@ -47,14 +47,19 @@ from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, catch_stop_signals
 
 parser, size = shared_parser(__doc__)
 # --- METHOD: begin ---
-import argparse  # the variant picks the method's recipe row before the defaults are set, as --size picks the size's
-import hashlib  # the seeds of the random projections
+VARIANTS = ("apollo", "apollo_mini")
+# --- VARIANT: begin ---
+import argparse  # noqa: E402  (only a script of two methods needs it)
+
+# --variant names the method, whose recipe row gives the defaults: it is read before them, as --size is
 pre = argparse.ArgumentParser(add_help=False)
 pre.error = lambda message: sys.exit(f"error: {message}")
-pre.add_argument("--variant")
-METHOD = "apollo_mini" if pre.parse_known_args()[0].variant == "mini" else "apollo"
-parser.add_argument("--variant", choices=["apollo", "mini"],
-                    help="apollo: one scale per channel; mini: APOLLO-Mini, one per tensor (its recipe: rank 1, "
+pre.add_argument("--variant", choices=VARIANTS, default=VARIANTS[0])
+METHOD = pre.parse_known_args()[0].variant
+# --- VARIANT: end ---
+import hashlib  # noqa: E402  (the seeds of the random projections)
+parser.add_argument("--variant", choices=VARIANTS,
+                    help="apollo: one scale per channel; apollo_mini: APOLLO-Mini, one per tensor (its recipe: rank 1, "
                          "alpha sqrt(128))")
 parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
 parser.add_argument("--rank", type=COUNT, help="r, rank of the random projection")
@@ -170,7 +175,7 @@ if r >= smallest:  # moments of max(m, n) x r: as large as AdamW's 2 m n, or lar
              f"for APOLLO to keep less state than AdamW")
 projected = {id(p) for p in apollo_params}
 settings = {"rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
-            "scaling": "tensor" if args.variant == "mini" else "channel", "seed": args.seed}
+            "scaling": "tensor" if METHOD == "apollo_mini" else "channel", "seed": args.seed}
 optimizer = Apollo([{"params": [p for p in model.parameters() if id(p) not in projected]},
                     {"params": apollo_params, **settings}], lr=args.lr, weight_decay=args.weight_decay)
 hparams = {"lr": args.lr, "variant": args.variant, **settings}

@@ -78,10 +78,10 @@ def inputs(dtype, seed=0):
 
 def ours(params, grads, variant, wd):
     params = [torch.nn.Parameter(p.clone()) for p in params]
-    rank, alpha = (1, math.sqrt(128)) if variant == "mini" else (RANK, 1.0)
+    rank, alpha = (1, math.sqrt(128)) if variant == "apollo_mini" else (RANK, 1.0)
     opt = Apollo([{"params": params[3:]},
                   {"params": params[:3], "rank": rank, "update_proj_gap": T, "scale": alpha,
-                   "scaling": "tensor" if variant == "mini" else "channel", "seed": SEED}],
+                   "scaling": "tensor" if variant == "apollo_mini" else "channel", "seed": SEED}],
                  lr=LR, weight_decay=wd)
     refreshes = 0
     for step_grads in grads:
@@ -100,20 +100,20 @@ TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 3e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["apollo", "mini"])
+@pytest.mark.parametrize("variant", ["apollo", "apollo_mini"])
 def test_update_is_the_algorithm_box(dtype, variant):
     wd = 0.1
     params, grads = inputs(dtype)
     weights, opt, refreshes = ours(params, grads, variant, wd)
     assert refreshes == 4  # steps 1, 4, 7, 10
-    rank, alpha = (1, math.sqrt(128)) if variant == "mini" else (RANK, 1.0)
+    rank, alpha = (1, math.sqrt(128)) if variant == "apollo_mini" else (RANK, 1.0)
     acted = []  # (matrix, step) where the limiter acted
     for index, (w, w0) in enumerate(zip(weights[:3], params[:3])):
         # the box is written for m <= n: a tall or square matrix takes it transposed (its channels are its rows)
         transpose = w0.shape[0] >= w0.shape[1]
         flip = (lambda x: x.T) if transpose else (lambda x: x)
         ref, limited = algorithm_box(flip(w0), [flip(g[index]) for g in grads], rank, T, LR, alpha, wd,
-                                     variant == "mini", SEED, index, dtype)
+                                     variant == "apollo_mini", SEED, index, dtype)
         acted += [(index, t) for t in limited]
         update, ref_update = w.double() - w0.double(), flip(ref) - w0.double()
         assert (update - ref_update).norm() / ref_update.norm() < TOLERANCE[dtype], index
@@ -193,17 +193,17 @@ def runs(tmp_path_factory, shakespeare):
     out = tmp_path_factory.mktemp("apollo")
     common = ["--max-steps", "12", "--update-proj-gap", "5", "--lr", "1e-2"]
     return {variant: train("train_apollo.py", out / variant, *common, "--variant", variant)
-            for variant in ("apollo", "mini")}
+            for variant in ("apollo", "apollo_mini")}
 
 
-@pytest.mark.parametrize("variant", ["apollo", "mini"])
+@pytest.mark.parametrize("variant", ["apollo", "apollo_mini"])
 def test_the_loss_falls_and_the_run_reports_what_it_ran(runs, variant):
     result, log, proc = runs[variant]
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
     assert [r["refreshes"] for r in log if "refreshes" in r] == [1, 2, 3]  # steps 1, 6, 11
-    method, rank = ("apollo_mini", 1) if variant == "mini" else ("apollo", 8)
+    method, rank = ("apollo_mini", 1) if variant == "apollo_mini" else ("apollo", 8)
     assert result["method"] == result["run"] == method and result["rank"] == rank
-    assert result["scaling"] == ("tensor" if variant == "mini" else "channel")
+    assert result["scaling"] == ("tensor" if variant == "apollo_mini" else "channel")
     estimate = estimate_bytes("nano", method, "fp32", result)
     assert {k: result[k] for k in estimate} == estimate  # counted from the live tensors, as estimated
 

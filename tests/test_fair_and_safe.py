@@ -141,6 +141,14 @@ BAD_INPUT = [
      "error: --val-tokens 200,000 is more than the validation split of shakespeare holds (156,600 tokens)"),
     ("train_sltrain.py", ["--restart-every", "3"],
      "error: --recovery-steps 10 must be below --restart-every 3"),
+    ("train_stable_spam.py", ["--variant", "adam"],
+     "error: argument --variant: invalid choice: 'adam' (choose from 'stable_spam', 'spam')"),
+    ("train_stable_spam.py", ["--gamma2", "1"], "error: argument --gamma2: must be >= 0 and < 1, got 1"),
+    ("train_stable_spam.py", ["--threshold", "100"], "error: --threshold is a setting of --variant spam"),
+    ("train_stable_spam.py", ["--variant", "spam", "--gamma1", "0.7"],
+     "error: --gamma1 is a setting of --variant stable_spam"),
+    ("train_muon.py", ["--momentum", "1"], "error: argument --momentum: must be >= 0 and < 1, got 1"),
+    ("train_muon.py", ["--ns-steps", "100"], "error: argument --ns-steps: must be >= 1 and <= 99, got 100"),
     ("train_full.py", ["--seed", "20000000000"], "error: argument --seed: must be >= 0 and <= 2147483647, got 20000000000"),
 ]
 

@@ -11,6 +11,7 @@ from conftest import ROOT, SCRIPTS
 
 REGION = re.compile(r"# --- METHOD: begin ---\n.*?# --- METHOD: end ---\n", re.S)
 RESTART = re.compile(r"# --- RESTART: begin ---\n.*?# --- RESTART: end ---\n", re.S)
+VARIANT = re.compile(r"# --- VARIANT: begin ---\n.*?# --- VARIANT: end ---\n", re.S)
 
 
 def skeleton(script):
@@ -22,8 +23,9 @@ def skeleton(script):
 
 
 def test_the_methods():
-    assert SCRIPTS == ["train_apollo.py", "train_fira.py", "train_full.py", "train_galore.py", "train_lowrank_refactor.py",
-                       "train_relora.py", "train_sltrain.py"]
+    assert SCRIPTS == ["train_apollo.py", "train_fira.py", "train_full.py", "train_galore.py",
+                       "train_lowrank_refactor.py", "train_muon.py", "train_relora.py", "train_sltrain.py",
+                       "train_stable_spam.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -42,6 +44,13 @@ def test_restart_is_one_text():
     first = next(iter(restarting.values()))
     assert len(first) == 5  # the flags; refactorize, reset, recovery; their setup; the lr of the step; the hook
     assert all(r == first for r in restarting.values())
+
+
+def test_variant_is_one_text():
+    """A script of two methods reads --variant, the method, the same way."""
+    regions = {s: VARIANT.findall(open(os.path.join(ROOT, s)).read()) for s in SCRIPTS}
+    assert {s: len(r) for s, r in regions.items() if r} == {"train_apollo.py": 1, "train_stable_spam.py": 1}
+    assert regions["train_apollo.py"] == regions["train_stable_spam.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
