@@ -1,5 +1,6 @@
 """Every method sees the same data and budget; no run writes a wrong number, loses a file or fails noisily."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,23 @@ def test_divergence_is_an_error_and_writes_nothing(tmp_path, shakespeare, precis
                        "--precision", precision, check=False)
     assert "training diverged" in error_of(proc)
     assert not (tmp_path / "result.json").exists() and not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("train_galore.py", ["--update-proj-gap", "1", "--projector", "subspace", "--per-layer", "--global-batch", "8"],
+     "error: a projector refresh met non-finite values: training diverged (try a lower --lr)"),
+    ("train_lowrank_refactor.py", ["--restart-every", "1", "--recovery-steps", "0"],
+     "error: a refactorization met non-finite factors: training diverged (try a lower --lr)")], ids=["refresh", "restart"])
+def test_divergence_at_a_refresh_or_restart_is_the_divergence_line(tmp_path, shakespeare, script, flags, message):
+    """The method acting every step at a divergent lr: the decompositions meet the non-finite gradient (GaLore's,
+    inside backward with --per-layer) or overflowing factors; each projector and script in test_projectors.py and
+    test_lowrank_refactor.py. What was written before is finite."""
+    _, log, proc = train(script, tmp_path, "--seq-len", "16", "--val-tokens", "256", "--max-steps", "4", "--lr", "1e20",
+                         "--warmup-steps", "0", "--ckpt-every", "1", *flags, check=False)
+    assert error_of(proc) == message and not (tmp_path / "result.json").exists()
+    assert all(math.isfinite(r["loss"]) for r in log)
+    if (tmp_path / "ckpt.pt").exists():
+        assert all(t.isfinite().all() for t in torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].values())
 
 
 def test_a_resumed_finished_run_writes_its_result(tmp_path, shakespeare):
