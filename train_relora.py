@@ -275,10 +275,10 @@ for step in bar:
     if (step >= warm_start) != lora_phase:  # a pure function of the step, so a resume lands in the right phase
         lora_phase = step >= warm_start
         set_phase(layers, optimizer, lora_phase)
-        if lora_phase:  # the authors' ReLoRA run loads the warm-started weights alone: a brand-new AdamW for all
-            optimizer.state.clear()
         if ddp:  # DDP all-reduces the parameters that required grad when it was built: wrap the model anew
             model = ddp_wrap(model.module, device, device_type)
+    if step == warm_start > 0:  # the switch; also a resume from a checkpoint taken before it, in the phase as built
+        optimizer.state.clear()  # the authors' ReLoRA run loads the warm-started weights alone: a new AdamW for all
     if relora_every or warm_start:  # ReLoRA's schedules; plain LoRA keeps the benchmark's warmup-cosine
         lr = relora_lr(step)
     # --- METHOD: end ---
