@@ -319,6 +319,15 @@ def test_resume_inside_the_warm_start_and_across_the_switch_is_exact(tmp_path, s
     straight, resumed = (json.load(open(tmp_path / run / "result.json")) for run in ("a", "b"))
     for key in ("weights_bytes", "grads_bytes", "optimizer_state_bytes"):
         assert resumed[key] == straight[key]
+    if warm_start == 4:  # extending the run from its checkpoint at 4, K left to its default: a quarter of 16 steps
+        log = (tmp_path / "b" / "log.jsonl").read_text()
+        _, _, proc = train("train_relora.py", tmp_path / "b", *FAST, "--max-steps", "16", "--resume",
+                           "--warm-start-steps", "4", "--restart-warmup", "1", check=False)
+        assert error_of(proc) == (
+            "error: --resume with 16 steps derives --relora-every 4 (the checkpoint's 2): these periods default to "
+            "fractions of the run's steps; to extend the run, give the checkpoint's: --relora-every 2 "
+            "--warm-start-steps 4 --restart-warmup 1 --switch-warmup 0")
+        assert (tmp_path / "b" / "log.jsonl").read_text() == log
 
 
 def test_ddp_across_the_switch_and_a_merge_matches_one_process(tmp_path, shakespeare):
