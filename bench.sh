@@ -9,7 +9,8 @@
 #   bash bench.sh --dry-run              # print the runs, run nothing
 #   SEEDS="0 1 2" bash bench.sh          # several seeds: results.md gives the mean and the spread
 #   SIZES="60m 130m" METHODS="full galore" bash bench.sh
-#   OUT=results/2026-11-25-cpu bash bench.sh   # resume a sweep: finished runs with the same settings are skipped
+#   OUT=results/2026-11-25-cpu bash bench.sh   # resume a sweep: finished runs with the same settings are skipped,
+#                                              # unfinished ones (a ckpt.pt, no result.json) continue with --resume
 #   LR=1e-2 bash bench.sh                # one learning rate for every method
 #
 # Every run is `python <script> <its row's flags>`, the script and flags coming from model.py's recipe table
@@ -21,8 +22,10 @@
 # installed, draws the loss curves (pip install matplotlib, then python report.py OUT).
 #
 # Output: $OUT/runs/<row>_<size>_s<seed>/{result.json,log.jsonl,train.log} (or failed.json with the reason),
-# then $OUT/results.md, $OUT/results.csv and $OUT/loss_<size>.png (report.py). A finished run whose recorded
-# command differs from this sweep's is stale and runs again. The exit status is 1 if any run failed.
+# then $OUT/results.md, $OUT/results.csv and $OUT/loss_<size>.png (report.py), of this sweep's runs alone. A run
+# whose recorded command differs from this sweep's is stale and runs again; a folder a live run holds locked is
+# left alone. SIGTERM or Ctrl-C stops the training run with SIGTERM (it checkpoints) and then the sweep. The exit
+# status is 1 if any run failed or report.py did, 2 if a row of METHODS is unknown (before any run).
 set -uo pipefail
 cd "$(dirname "$0")"
 
