@@ -9,7 +9,8 @@
 #   bash bench.sh --dry-run              # print the runs, run nothing
 #   SEEDS="0 1 2" bash bench.sh          # several seeds: results.md gives the mean and the spread
 #   SIZES="60m 130m" METHODS="full galore" bash bench.sh
-#   OUT=results/2026-11-25-cpu bash bench.sh   # resume a sweep: finished runs with the same settings are skipped
+#   OUT=results/2026-11-25-cpu bash bench.sh   # resume a sweep: finished runs with the same settings are skipped,
+#                                              # unfinished ones (a ckpt.pt, no result.json) continue with --resume
 #   LR=1e-2 bash bench.sh                # one learning rate for every method
 #
 # Every run is `python <script> <its row's flags>`, the script and flags coming from model.py's recipe table
@@ -21,8 +22,10 @@
 # installed, draws the loss curves (pip install matplotlib, then python report.py OUT).
 #
 # Output: $OUT/runs/<row>_<size>_s<seed>/{result.json,log.jsonl,train.log} (or failed.json with the reason),
-# then $OUT/results.md, $OUT/results.csv and $OUT/loss_<size>.png (report.py). A finished run whose recorded
-# command differs from this sweep's is stale and runs again. The exit status is 1 if any run failed.
+# then $OUT/results.md, $OUT/results.csv and $OUT/loss_<size>.png (report.py), of this sweep's runs alone. A run
+# whose recorded command differs from this sweep's is stale and runs again; a folder a live run holds locked is
+# left alone. SIGTERM or Ctrl-C stops the training run with SIGTERM (it checkpoints) and then the sweep. The exit
+# status is 1 if any run failed or report.py did, 2 if a row of METHODS is unknown (before any run).
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -83,17 +86,47 @@ if [ "$DATASET" != shakespeare ] && [ ! -f "data/$DATASET/meta.json" ]; then
     exit 1
 fi
 
+declare -A COMMAND  # every row of the sweep, checked before the first run: a typo in METHODS runs nothing
+for size in $SIZES; do
+    for method in $METHODS; do
+        COMMAND[$method,$size]=$(python model.py --bench-command "$method" "$size") || exit 2
+    done
+done
+
+# SIGTERM or Ctrl-C: the running training run gets SIGTERM (it checkpoints and exits; a run started in the
+# background ignores SIGINT), and the sweep stops when it has
+child=""
+stop() {
+    trap - TERM INT
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null && wait "$child"
+    echo "bench: stopped by SIG$1; run the same command again to resume the sweep" >&2
+    exit $((128 + $(kill -l "$1")))
+}
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+
+in_use() {  # whether a training run holds the lock of folder $1 (a live run: never delete it)
+    [ -f "$1/.lock" ] && ! python -c "import fcntl, sys; fcntl.flock(open(sys.argv[1]), fcntl.LOCK_EX | fcntl.LOCK_NB)" \
+        "$1/.lock" 2>/dev/null
+}
+
 [ "$DRY" = 1 ] || mkdir -p "$OUT/runs"
 echo "bench: sizes [$SIZES] methods [$METHODS] seeds [$SEEDS] on $DEVICE, dataset $DATASET -> $OUT"
 failed=0
+sweep=()  # this sweep's run folders: the table holds them alone
 for size in $SIZES; do
     for method in $METHODS; do
-        line=$(python model.py --bench-command "$method" "$size") || exit 2
-        read -r -a cmd <<< "$line"
+        read -r -a cmd <<< "${COMMAND[$method,$size]}"
         for seed in $SEEDS; do
             run="$OUT/runs/${method}_${size}_s${seed}"
             args=("${cmd[@]:1}" --size "$size" --dataset "$DATASET" --seed "$seed" "${EXTRA[@]}" --out-dir "$run")
             if [ "$DRY" = 1 ]; then echo "python ${cmd[0]} ${args[*]}"; continue; fi
+            sweep+=("$run")
+            if in_use "$run"; then
+                echo "[busy] $method $size seed $seed: a run is using $run; left alone"
+                continue
+            fi
+            resume=()
             if [ -f "$run/result.json" ]; then
                 # the script records its own command line: the same one means the same run
                 if python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['argv'] != sys.argv[2:])" \
@@ -102,12 +135,22 @@ for size in $SIZES; do
                     continue
                 fi
                 echo "[stale] $method $size seed $seed: its settings differ from this sweep's, running it again"
+            elif [ -f "$run/ckpt.pt" ] && [ "$(cat "$run/command" 2>/dev/null)" = "${args[*]}" ]; then
+                resume=(--resume)  # an unfinished run of the same settings: continue it from its checkpoint
             fi
-            rm -rf "$run"
-            mkdir -p "$run"
-            echo "[run ] $method $size seed $seed: python ${cmd[0]} ${args[*]}"
-            python "${cmd[0]}" "${args[@]}" 2>&1 | tee "$run/train.log"
-            code=${PIPESTATUS[0]}
+            if [ ${#resume[@]} -eq 0 ]; then
+                rm -rf "$run"
+                mkdir -p "$run"
+                printf '%s' "${args[*]}" > "$run/command"
+            else
+                rm -f "$run"/*.tmp "$run/failed.json"  # what a failed write or the failed attempt left
+            fi
+            echo "[run ] $method $size seed $seed: python ${cmd[0]} ${args[*]} ${resume[*]}"
+            python "${cmd[0]}" "${args[@]}" "${resume[@]}" > >(tee -a "$run/train.log") 2>&1 &
+            child=$!
+            wait "$child"
+            code=$?
+            child=""
             if [ "$code" -ne 0 ]; then
                 # the reason: the script's one-line error, the exception's last line, or the signal
                 reason=$(tr '\r' '\n' < "$run/train.log" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)
@@ -122,7 +165,10 @@ for size in $SIZES; do
     done
 done
 [ "$DRY" = 1 ] && exit 0
-python report.py "$OUT"
+if ! python report.py "$OUT" "${sweep[@]}"; then
+    echo "bench: report.py failed, so $OUT/results.md is not this sweep's table" >&2
+    exit 1
+fi
 if [ "$failed" -gt 0 ]; then
     echo "bench: $failed run(s) failed (see failed.json in their folders)" >&2
     exit 1

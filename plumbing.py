@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import load_tokens, val_windows
+from data import dataset_name, load_tokens, val_windows
 from model import (RECIPES, SEQ_LEN, Llama, estimate_bytes, get_config, memory_report,
                    method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
@@ -75,7 +75,7 @@ def shared_parser(doc):
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
     add = parser.add_argument
     # data
-    add("--dataset", default="shakespeare", help="prepared dataset under data/ (see data.py)")
+    add("--dataset", type=dataset_name, default="shakespeare", help="prepared dataset under data/ (see data.py)")
     add("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
     add("--val-tokens", type=COUNT, default=None,
         help=f"size of the fixed validation set (default: the recipe's {recipe.val_tokens:,} for {size}, or the "

@@ -2,7 +2,8 @@
 Tabulate a bench.sh sweep: results.md (mean and spread over seeds), results.csv (one line per run) and the
 mean loss curves per size (loss_<size>.png, if matplotlib is installed).
 
-    python report.py results/2026-11-25-cpu
+    python report.py results/2026-11-25-cpu                    # every run in its runs/
+    python report.py results/2026-11-25-cpu RUN_DIR ...        # these runs alone (bench.sh: its sweep's)
 """
 import csv
 import glob
@@ -63,22 +64,21 @@ COLUMNS = ["method", "size", "seed", "status", "rank", "precision", "tokens", "v
 RUN = re.compile(r"(.+)_([^_]+)_s(\d+)$")  # <row>_<size>_s<seed>
 
 
-def load_runs(out):
+def load_runs(out, runs=None):
+    """One row per run folder: the given ones, or every one under out/runs."""
     rows = []
-    for run in sorted(glob.glob(os.path.join(out, "runs", "*_*_s*"))):
-        method, size, seed = RUN.match(os.path.basename(run)).groups()
+    for run in sorted(runs or glob.glob(os.path.join(out, "runs", "*_*_s*"))):
+        match = RUN.match(os.path.basename(os.path.normpath(run)))
+        if not match or not os.path.isdir(run):
+            continue  # not a run folder (a leftover *.tmp, say)
+        method, size, seed = match.groups()
         row = {"method": method, "size": size, "seed": int(seed)}
         result, failed = os.path.join(run, "result.json"), os.path.join(run, "failed.json")
         if os.path.exists(result):
-            r = json.load(open(result))
-            row.update(status="ok", rank=r.get("rank"), precision=r["precision"], tokens=r["tokens"],
-                       val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
-                       weights_states_mib=(r["weights_bytes"] + r["optimizer_state_bytes"]) / 2**20,
-                       buffers_mib=r["buffers_bytes"] / 2**20, tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
-                       peak_gpu_mib=r["max_memory_allocated_bytes"] / 2**20 if "max_memory_allocated_bytes" in r
-                       else None)
-            est = estimate_bytes(size, r["method"], "bf16", r)
-            row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20
+            try:
+                row.update(result_row(json.load(open(result)), size))
+            except (ValueError, KeyError, TypeError) as e:
+                sys.exit(f"error: {result} is not a result of this repository's scripts ({type(e).__name__}: {e})")
         elif os.path.exists(failed):
             row["status"] = "failed: " + json.load(open(failed))["reason"]
         else:
@@ -87,6 +87,18 @@ def load_runs(out):
     order = {m: i for i, m in enumerate(BENCH_ROWS)}
     rows.sort(key=lambda r: (r["size"], order.get(r["method"], len(order)), r["seed"]))
     return rows
+
+
+def result_row(r, size):
+    """The table's columns of one result.json."""
+    row = dict(status="ok", rank=r.get("rank"), precision=r["precision"], tokens=r["tokens"],
+               val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
+               weights_states_mib=(r["weights_bytes"] + r["optimizer_state_bytes"]) / 2**20,
+               buffers_mib=r["buffers_bytes"] / 2**20, tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
+               peak_gpu_mib=r["max_memory_allocated_bytes"] / 2**20 if "max_memory_allocated_bytes" in r else None)
+    est = estimate_bytes(size, r["method"], "bf16", r)
+    row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20
+    return row
 
 
 def summarize(rows):
@@ -193,10 +205,10 @@ def plot(lines, out):
 
 
 def main():
-    if len(sys.argv) != 2 or not os.path.isdir(os.path.join(sys.argv[1], "runs")):
-        sys.exit("usage: python report.py RESULTS_DIR (a folder that bench.sh wrote, with runs/ inside)")
+    if len(sys.argv) < 2 or not os.path.isdir(os.path.join(sys.argv[1], "runs")):
+        sys.exit("usage: python report.py RESULTS_DIR [RUN_DIR ...] (a folder that bench.sh wrote, with runs/ inside)")
     out = sys.argv[1]
-    rows = load_runs(out)
+    rows = load_runs(out, sys.argv[2:])
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -208,4 +220,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:  # one line and a failing status, never a traceback (bench.sh stops on it)
+        sys.exit(f"error: report.py failed: {type(e).__name__}: {e}"[:300])

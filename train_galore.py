@@ -152,9 +152,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
 # side "left" keeps P = U[:, :r] (m x r), R = P^T G. Computed in fp32, stored in G's dtype: the papers' SVD first.
 
 
+def finite(M):
+    """M, if it is finite; else the run stops here with one line, as the loop's divergence checks do: a
+    decomposition of non-finite values fails with a LinAlgError (on a GPU it may return them as a projector)."""
+    if not M.isfinite().all():
+        sys.exit("error: a projector refresh met non-finite values: training diverged (try a lower --lr)")
+    return M
+
+
 def svd_projector(G, r, side):
     """Exact (the papers' and the official code's): the top-r singular vectors of a full SVD of G."""
-    U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(finite(G.float()), full_matrices=False)
     return (U[:, :r] if side == "left" else Vh[:r]).to(G.dtype)
 
 
@@ -188,10 +196,10 @@ def subspace_projector(G, r, side, P_old):
     (sigma_{r+1} / sigma_i)^2, so on the steep spectra of real gradients one step captures nearly everything."""
     A = G.float() if side == "right" else G.float().T        # the left side of G is the right side of G^T
     X = P_old.float() if side == "right" else P_old.float().T  # (r, n), orthonormal rows
-    Q = torch.linalg.qr(A.T @ (A @ X.T)).Q                     # (n, r): orth(A^T A X^T)
+    Q = torch.linalg.qr(finite(A.T @ (A @ X.T))).Q             # (n, r): orth(A^T A X^T)
     # Rayleigh-Ritz: turn the basis of span(Q) onto approximate singular vectors, largest first, as the SVD's.
     # The span is the same, but Adam works per coordinate: an arbitrary basis would change the update.
-    _, W = torch.linalg.eigh((A @ Q).T @ (A @ Q))             # (r, r), eigenvalues ascending
+    _, W = torch.linalg.eigh(finite((A @ Q).T @ (A @ Q)))     # (r, r), eigenvalues ascending
     P = (Q @ W.flip(1)).T
     return (P if side == "right" else P.T).to(G.dtype)
 
@@ -202,7 +210,7 @@ def randomized_projector(G, r, side, seed):
     resumed run and every DDP process draw the same sketch."""
     with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):
         torch.manual_seed(seed)
-        U, _, V = torch.svd_lowrank(G.float(), q=min(r + 16, *G.shape), niter=2)
+        U, _, V = torch.svd_lowrank(finite(G.float()), q=min(r + 16, *G.shape), niter=2)
     return (U[:, :r] if side == "left" else V[:, :r].T).to(G.dtype)
 
 
@@ -215,10 +223,12 @@ def captured_share(G, P, side):
 
 r = args.rank
 galore_params = [lin.weight for _, lin in compressible_matrices(model)]
-for m, n in {tuple(p.shape) for p in galore_params}:
-    if r * (2 * max(m, n) + min(m, n)) >= 2 * m * n:  # moments of m x r plus the projector, against AdamW's 2mn
-        sys.exit(f"error: --rank {r} is too large for the {m} x {n} matrices: GaLore would keep more state than "
-                 f"AdamW (use r <= {(2 * m * n - 1) // (2 * max(m, n) + min(m, n))})")
+# the largest r whose moments (m x r) plus projector keep less than AdamW's 2mn, per shape: the smallest one binds
+largest = {(m, n): (2 * m * n - 1) // (2 * max(m, n) + min(m, n)) for m, n in {tuple(p.shape) for p in galore_params}}
+if r > min(largest.values()):
+    m, n = min(largest, key=largest.get)
+    sys.exit(f"error: --rank {r} is too large for the {m} x {n} matrices: GaLore would keep more state than AdamW "
+             f"(use r <= {largest[m, n]})")
 projected = {id(p) for p in galore_params}
 settings = {"rank": r, "update_proj_gap": args.update_proj_gap, "scale": args.scale,
             "proj_type": args.proj_type, "reset_on_refresh": args.reset_on_refresh, "projector": args.projector}

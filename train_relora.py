@@ -218,6 +218,20 @@ relora_every = max_steps // 4 if args.relora_every is None else args.relora_ever
 warm_start = max_steps // 4 if args.warm_start_steps is None else args.warm_start_steps
 restart_warmup = min(100, relora_every // 5) if args.restart_warmup is None else args.restart_warmup
 switch_warmup = (relora_every or max_steps - warm_start) // 10 if args.switch_warmup is None else args.switch_warmup
+if args.resume:  # a resume that extends --max-steps would change the periods derived from it: refuse, saying so
+    saved = {}
+    with contextlib.suppress(Exception):  # not a checkpoint of this repository: resume() refuses it below
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    periods = {"--relora-every": ("relora_every", relora_every, args.relora_every),
+               "--warm-start-steps": ("warm_start_steps", warm_start, args.warm_start_steps),
+               "--restart-warmup": ("restart_warmup", restart_warmup, args.restart_warmup),
+               "--switch-warmup": ("switch_warmup", switch_warmup, args.switch_warmup)}
+    changed = [f"{flag} {value} (the checkpoint's {saved[key]})" for flag, (key, value, given) in periods.items()
+               if given is None and key in saved and saved[key] != value]
+    if changed:
+        sys.exit(f"error: --resume with {max_steps} steps derives {', '.join(changed)}: these periods default to "
+                 f"fractions of the run's steps; to extend the run, give the checkpoint's: "
+                 + " ".join(f"{flag} {saved[key]}" for flag, (key, _, _) in periods.items() if key in saved))
 warm_start_lr = args.warm_start_lr or args.lr / 2  # the README: "we use a larger LR during the ReLoRA stage"
 # ReLoRA's script hard-codes dropout 0.1 and zeroes A; plain LoRA is Glentis et al.'s (no dropout, A Kaiming)
 dropout = (0.1 if relora_every else 0.0) if args.lora_dropout is None else args.lora_dropout
@@ -277,10 +291,10 @@ for step in bar:
     if (step >= warm_start) != lora_phase:  # a pure function of the step, so a resume lands in the right phase
         lora_phase = step >= warm_start
         set_phase(layers, optimizer, lora_phase)
-        if lora_phase:  # the authors' ReLoRA run loads the warm-started weights alone: a brand-new AdamW for all
-            optimizer.state.clear()
         if ddp:  # DDP all-reduces the parameters that required grad when it was built: wrap the model anew
             model = ddp_wrap(model.module, device, device_type)
+    if step == warm_start > 0:  # the switch; also a resume from a checkpoint taken before it, in the phase as built
+        optimizer.state.clear()  # the authors' ReLoRA run loads the warm-started weights alone: a new AdamW for all
     if relora_every or warm_start:  # ReLoRA's schedules; plain LoRA keeps the benchmark's warmup-cosine
         lr = relora_lr(step)
     # --- METHOD: end ---

@@ -186,10 +186,15 @@ class SparseLowRankLinear(torch.nn.Module):
 @torch.no_grad()
 def refactorize(B, A):
     """Replace B, A by the balanced factors of the same product, B' = U S^1/2, A' = S^1/2 V^T for
-    B A = U S V^T, so that B'^T B' = A' A'^T = S. Only m x r, n x r and r x r matrices are formed."""
+    B A = U S V^T, so that B'^T B' = A' A'^T = S. Only m x r, n x r and r x r matrices are formed. Non-finite (or
+    overflowing) factors stop the run with one line, as the loop's divergence checks do, before the SVD fails on
+    them with a LinAlgError (on a GPU it may write them back)."""
     Qb, Rb = torch.linalg.qr(B.float())      # (m, r), (r, r)
     Qa, Ra = torch.linalg.qr(A.float().T)    # (n, r), (r, r)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)   # B A = Qb (Rb Ra^T) Qa^T = (Qb U) S (Qa Vh^T)^T
+    core = Rb @ Ra.T                         # B A = Qb (Rb Ra^T) Qa^T = (Qb U) S (Qa Vh^T)^T
+    if not core.isfinite().all():
+        sys.exit("error: a refactorization met non-finite factors: training diverged (try a lower --lr)")
+    U, S, Vh = torch.linalg.svd(core)
     root = S.sqrt()
     B.copy_((Qb @ U) * root)                 # (m, r) @ (r, r), columns scaled by S^1/2
     A.copy_(root[:, None] * (Vh @ Qa.T))     # (r, r) @ (r, n), rows scaled by S^1/2

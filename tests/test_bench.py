@@ -1,8 +1,12 @@
 import csv
+import fcntl
 import glob
+import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -82,3 +86,82 @@ def test_micro_batch_fits_the_gpu_and_divides_the_batch(size, gib, world, micro)
     batch = model.RECIPES[size].batch
     assert model.micro_batch(size, batch, world, gib * 2**30) == micro
     assert batch % (micro * world) == 0
+
+
+FAKE = """import json, os, signal, sys, time
+out = sys.argv[sys.argv.index("--out-dir") + 1]
+with open(os.path.join(out, "argv.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if os.environ.get("FAKE") == "preempted":  # a checkpoint, then the end of the allocation
+    open(os.path.join(out, "ckpt.pt"), "w").close()
+    open(os.path.join(out, "ckpt.pt.tmp"), "w").close()
+    sys.exit("error: preempted")
+signal.signal(signal.SIGTERM, lambda *_: (open(os.path.join(out, "got_sigterm"), "w").close(), sys.exit(1)))
+print("training", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def fake_repo(repo):
+    (repo / "train_full.py").write_text(FAKE)
+    return repo
+
+
+def bench(repo, out, **env):
+    return run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], check=False,
+               env={"SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out), **env})
+
+
+def test_bench_resumes_an_unfinished_run_of_the_same_settings(tmp_path, fake_repo):
+    out = tmp_path / "out"
+    assert "[fail] full nano seed 0: error: preempted" in bench(fake_repo, out, FAKE="preempted").stdout
+    bench(fake_repo, out, FAKE="preempted")  # the same settings: resumed, its leftover *.tmp removed first
+    argvs = [json.loads(line) for line in open(out / "runs" / "full_nano_s0" / "argv.jsonl")]
+    assert ["--resume" in a for a in argvs] == [False, True] and argvs[0] == argvs[1][:-1]
+    # other settings: the folder starts afresh
+    run(["bash", str(fake_repo / "bench.sh"), "--max-steps", "3"], check=False,
+        env={"SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out), "FAKE": "preempted"})
+    argvs = [json.loads(line) for line in open(out / "runs" / "full_nano_s0" / "argv.jsonl")]
+    assert len(argvs) == 1 and "--resume" not in argvs[0]
+
+
+def test_bench_forwards_sigterm_and_leaves_a_live_run_alone(tmp_path, fake_repo):
+    out = tmp_path / "out"
+    cmd = ["bash", str(fake_repo / "bench.sh"), "--max-steps", "2"]
+    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out)}
+    sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in sweep.stdout:
+        if line.startswith("training"):
+            break
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(30) == 128 + signal.SIGTERM and "bench: stopped by SIGTERM" in sweep.stderr.read()
+    assert (out / "runs" / "full_nano_s0" / "got_sigterm").exists()  # the training run got it, and stopped
+    # a folder whose lock a live run holds is never deleted, nor run again
+    (out / "runs" / "full_nano_s0" / "result.json").write_text("{}")  # stale: no argv
+    with open(out / "runs" / "full_nano_s0" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = subprocess.run(cmd, env={**env, "FAKE": "preempted"}, capture_output=True, text=True, timeout=120)
+    assert "[busy] full nano seed 0: a run is using" in proc.stdout
+    assert (out / "runs" / "full_nano_s0" / "got_sigterm").exists()
+
+
+def test_a_typo_in_methods_runs_nothing(tmp_path, fake_repo):
+    proc = bench(fake_repo, tmp_path / "out", METHODS="full fulll")
+    assert proc.returncode == 2 and "[run ]" not in proc.stdout and not (tmp_path / "out" / "runs").exists()
+
+
+def test_report_holds_the_runs_it_is_given_and_fails_in_one_line(tmp_path):
+    import report
+    for run_dir in ("full_nano_s0", "full_nano_s1", "galore_nano_s0"):
+        (tmp_path / "runs" / run_dir).mkdir(parents=True)
+        (tmp_path / "runs" / run_dir / "failed.json").write_text(json.dumps({"reason": run_dir}))
+    (tmp_path / "runs" / "full_nano_s2.tmp").write_text("")
+    assert len(report.load_runs(str(tmp_path))) == 3
+    rows = report.load_runs(str(tmp_path), [str(tmp_path / "runs" / "full_nano_s1")])
+    assert [(r["method"], r["seed"]) for r in rows] == [("full", 1)]
+    (tmp_path / "runs" / "full_nano_s0" / "result.json").write_text(json.dumps({"method": "full"}))
+    proc = run([sys.executable, "report.py", str(tmp_path)], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr == (
+        f"error: {tmp_path}/runs/full_nano_s0/result.json is not a result of this repository's scripts "
+        "(KeyError: 'precision')\n")

@@ -1,5 +1,6 @@
 """data.py under concurrency, kills and bad input: preparation is locked and atomic, load_tokens accepts only
 finished datasets, and every refusal is a one-line error that says what to do."""
+import argparse
 import hashlib
 import json
 import multiprocessing
@@ -202,7 +203,7 @@ def test_a_failed_preparation_leaves_no_files(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(data, "text_docs", failing_docs)
     with pytest.raises(RuntimeError):
         data.prepare(name)
-    assert snapshot(data_dir / "text-corpus") == {}
+    assert not (data_dir / "text-corpus").exists()  # no folder, no lock file: as if it had never run
     assert exit_message(data.load_tokens, "text-corpus").startswith("error: dataset 'text-corpus' is not prepared")
 
     monkeypatch.setattr(data, "text_docs", text_docs)
@@ -314,17 +315,14 @@ ERRORS = {
         lambda tmp_path: data.val_windows(np.zeros(100, np.uint16), 256, 32768),
         "error: the validation split has 100 tokens, fewer than one window of --seq-len 256 needs (257); "
         "use a smaller --seq-len or a larger corpus"),
-    "training split below one sequence": (
-        lambda tmp_path: data.load_tokens(prepared(tmp_path, "Tiny. " * 40), 256),
-        "error: dataset 'text-corpus' has 74 training tokens, fewer than one sequence of --seq-len 256 needs "
-        "(258); use a smaller --seq-len or a larger corpus"),
-    "empty training split": (
-        lambda tmp_path: data.load_tokens(prepared(tmp_path, ""), 256),
-        "error: dataset 'text-corpus' has 0 training tokens, fewer than one sequence of --seq-len 256 needs "
+    "training split below one sequence": (  # 263 tokens: enough to prepare, 236 of them for training
+        lambda tmp_path: data.load_tokens(prepared(tmp_path, "Tiny. " * 130), 256),
+        "error: dataset 'text-corpus' has 236 training tokens, fewer than one sequence of --seq-len 256 needs "
         "(258); use a smaller --seq-len or a larger corpus"),
     "no readable text": (
         binary_corpus,
-        "error: no readable text at '{tmp_path}/corpus': its 1 .txt file(s) are binary or not UTF-8"),
+        "error: no readable text at '{tmp_path}/corpus': its 1 .txt file(s) are binary, not UTF-8 or not regular "
+        "readable files"),
 }
 
 
@@ -334,17 +332,126 @@ def test_one_line_errors(tmp_path, data_dir, case):
     assert exit_message(trigger, tmp_path) == expected.format(tmp_path=tmp_path)
 
 
-def test_text_corpus_skips_binary_and_non_utf8_files(tmp_path, data_dir, capsys):
+def test_text_corpus_skips_binary_non_utf8_and_non_regular_files(tmp_path, data_dir, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a_good.txt").write_text("Plain text, ünïcödé too.")
+    (corpus / "a_good.txt").write_text("Plain text, ünïcödé too. " * 30)
     (corpus / "b_binary.txt").write_bytes(b"\x7fELF\x02\x01\x01\0\0\0")
     (corpus / "c_latin1.txt").write_bytes("café".encode("latin-1"))
+    os.mkfifo(corpus / "d_fifo.txt")  # reading it would block forever
+    (corpus / "e_dangling.txt").symlink_to(tmp_path / "gone.txt")
+    (corpus / "f_loop.txt").symlink_to(corpus / "f_loop.txt")
     cli(f"text:{corpus}")
     out, err = capsys.readouterr()
     assert f"skipped {corpus / 'b_binary.txt'}: binary (contains NUL bytes)" in err
     assert f"skipped {corpus / 'c_latin1.txt'}: not UTF-8 (byte 0xe9 at offset 3)" in err
+    for name in ("d_fifo.txt", "e_dangling.txt", "f_loop.txt"):
+        assert f"skipped {corpus / name}: not a regular file" in err
     assert out.splitlines()[-1] == "train with: python train_full.py --dataset text-corpus"
     tokens = data.load_tokens("text-corpus")
     ids = np.concatenate([tokens["train"], tokens["val"]]).tolist()
-    assert data.get_tokenizer().decode(ids) == "Plain text, ünïcödé too.<|endoftext|>"
+    assert data.get_tokenizer().decode(ids) == "Plain text, ünïcödé too. " * 30 + "<|endoftext|>"
+
+
+# -----------------------------------------------------------------------------
+# refused inputs write nothing
+
+def short_file(tmp_path, text):
+    (tmp_path / "short.txt").write_text(text)
+    return f"text:{tmp_path / 'short.txt'}"
+
+
+def fifo_only(tmp_path):
+    (tmp_path / "pipes").mkdir()
+    os.mkfifo(tmp_path / "pipes" / "a.txt")
+    return f"text:{tmp_path / 'pipes'}"
+
+
+SHORT = ", fewer than one sequence of the default --seq-len 256 needs (257): nothing written"
+REFUSED = {  # argv of data.py -> its one-line error
+    "zero-byte file": (lambda p: [short_file(p, "")], "error: {tmp_path}/short.txt gives 1 token" + SHORT),
+    "whitespace file": (lambda p: [short_file(p, " \n\n\t  \n")], "error: {tmp_path}/short.txt gives 7 tokens" + SHORT),
+    "capped below a sequence": (lambda p: [write_corpus(p / "corpus", 2), "--max-tokens", "100"],
+                                "error: {tmp_path}/corpus gives 100 tokens (--max-tokens 100)" + SHORT),
+    "empty folder": (lambda p: (p / "empty").mkdir() or [f"text:{p / 'empty'}"],
+                     "error: no .txt file at '{tmp_path}/empty'"),
+    "missing path": (lambda p: [f"text:{p / 'missing'}"], "error: no .txt file at '{tmp_path}/missing'"),
+    "no path": (lambda p: ["text:"], "error: no .txt file at ''"),
+    "only a FIFO": (lambda p: [fifo_only(p)], "error: no readable text at '{tmp_path}/pipes': its 1 .txt file(s) "
+                                              "are binary, not UTF-8 or not regular readable files"),
+    **{f"--max-tokens {v}": (lambda p, v=v: [write_corpus(p / "corpus", 2), f"--max-tokens={v}"],
+                             f"error: argument --max-tokens: must be a whole number of tokens >= 1, got {v}")
+       for v in ("0", "-5", "nan", "inf", "1.5")},
+    "--max-tokens many": (lambda p: [write_corpus(p / "corpus", 2), "--max-tokens", "many"],
+                          "error: argument --max-tokens: expected a number of tokens, got 'many'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_preparation_is_one_line_and_writes_nothing(tmp_path, data_dir, case):
+    argv, expected = REFUSED[case]
+    assert exit_message(cli, *argv(tmp_path)) == expected.format(tmp_path=tmp_path)
+    assert not data_dir.exists() or set(os.listdir(data_dir)) <= {"tokenizer", "raw"}  # no dataset folder, no lock
+
+
+def test_a_failed_preparation_hands_its_lock_to_a_waiter(tmp_path, data_dir):
+    """The failed preparation removes its folder and lock file, holding the lock; a preparer that waited on that
+    lock file takes a new one and prepares: the two never run at once, and the dataset is finished."""
+    name = write_corpus(tmp_path / "corpus", 3)
+    d = data_dir / "text-corpus"
+    read, write = os.pipe()
+    go = multiprocessing.get_context("fork").Event()
+
+    def prepare_after_waiting():  # in a child forked before the lock is taken (else it would inherit it)
+        sys.stdout = os.fdopen(write, "w")
+        go.wait()
+        data.prepare(name)
+
+    waiter = multiprocessing.get_context("fork").Process(target=prepare_after_waiting)
+    waiter.start()
+    with pytest.raises(SystemExit):
+        with data.locked(str(d)):
+            go.set()
+            with os.fdopen(read) as out:
+                assert out.readline().startswith("waiting for another process that prepares")
+            sys.exit("error: a refused input")
+    waiter.join(60)
+    assert waiter.exitcode == 0 and set(snapshot(d)) == set(FILES)
+
+
+@pytest.mark.parametrize("name", ["../data/shakespeare", "shakespeare/../shakespeare", "..", "", "text:/tmp/x"])
+def test_a_dataset_is_a_name_under_data_not_a_path(data_dir, name):
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        data.dataset_name(name)
+    if name.startswith("text:"):
+        assert str(e.value) == ("'text:/tmp/x' is a corpus, not a dataset: prepare it (python data.py text:/tmp/x), "
+                                "then train with --dataset text-x")
+    else:
+        assert str(e.value) == f"{name!r} is not a dataset name: a dataset is a folder under data/, named without / or .."
+        assert exit_message(data.load_tokens, name) == f"error: {e.value}"
+    assert data.dataset_name("text-corpus") == "text-corpus"
+
+
+DAMAGED_META = {"cut short": '{"tokens": {"train": 9', "empty": "", "a list": "[1, 2]",
+                "no tokens": '{"sha256": {}}', "a folder": None}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_META)
+def test_a_damaged_meta_json_is_refused_and_shakespeare_prepared_again(tmp_path, data_dir, monkeypatch, damage):
+    prepared(tmp_path, "A sentence of a corpus. " * 50)
+    monkeypatch.setattr(data, "shakespeare_docs", lambda: iter(["To be, or not to be."] * 20))
+    data.load_tokens("shakespeare")
+    for d in (data_dir / "text-corpus", data_dir / "shakespeare"):
+        (d / "meta.json").unlink()
+        if DAMAGED_META[damage] is None:
+            (d / "meta.json").mkdir()
+        else:
+            (d / "meta.json").write_text(DAMAGED_META[damage])
+    why = {"a folder": "meta.json cannot be read: Is a directory", "a list": "meta.json holds no token count of "
+           "each split", "no tokens": "meta.json holds no token count of each split"}.get(
+        damage, "meta.json is not JSON: cut short, empty or overwritten")
+    assert exit_message(data.load_tokens, "text-corpus") == (
+        f"error: dataset 'text-corpus' is damaged ({why}); run: python data.py text:PATH, with PATH your .txt file "
+        "or folder named 'corpus'")
+    tokens = data.load_tokens("shakespeare")  # the default corpus is prepared again
+    assert json.loads((data_dir / "shakespeare" / "meta.json").read_text())["tokens"]["train"] == len(tokens["train"])

@@ -315,3 +315,23 @@ def test_resume_inside_a_recovery_window_and_across_a_restart(tmp_path, shakespe
                                                "--recovery-steps", "3", steps=12, at=5)
     assert [r["step"] for r in log if "resets" in r] == [4, 8]
     assert [r["lr"] for r in log] == official_lrs(3e-3, 12, 1, 4, 3)
+
+
+SLTRAIN = definitions("train_sltrain.py")
+
+
+@pytest.mark.parametrize("script", ["train_lowrank_refactor.py", "train_sltrain.py"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "huge"])
+def test_a_refactorization_of_non_finite_factors_stops_in_one_line(script, bad):
+    """A diverged run reaches the SVD of a refactorization with non-finite factors, or finite ones of 1e25 whose
+    product overflows: it stops with the divergence line (not svd's LinAlgError) and leaves B and A as they were."""
+    B, A = unbalanced_factors(30, 20, 4)
+    if bad == "huge":
+        B, A = B * 1e25, A * 1e25
+    else:
+        B[3, 2] = float(bad)
+    before = B.clone(), A.clone()
+    with pytest.raises(SystemExit) as e:
+        (refactorize if script == "train_lowrank_refactor.py" else SLTRAIN["refactorize"])(B, A)
+    assert str(e.value) == "error: a refactorization met non-finite factors: training diverged (try a lower --lr)"
+    torch.testing.assert_close((B, A), before, rtol=0, atol=0, equal_nan=True)

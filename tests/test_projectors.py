@@ -214,3 +214,30 @@ def test_cheap_projectors_train_and_log_their_refreshes(tmp_path, shakespeare, s
     assert [r["step"] for r in refreshes] == [1, 4, 7, 10] and [r["refreshes"] for r in refreshes] == [1, 2, 3, 4]
     assert refreshes[0]["proj_svds"] == 14 and refreshes[0]["proj_energy"] == 1.0  # the first one is exact
     assert all(0.5 < r["proj_energy"] <= 1.5 for r in refreshes)
+
+
+FIRA = definitions("train_fira.py")
+DIVERGED = "error: a projector refresh met non-finite values: training diverged (try a lower --lr)"
+
+
+@pytest.mark.parametrize("script,optimizer", [("train_galore.py", "GaLoreAdamW"), ("train_fira.py", "FiraAdamW")])
+@pytest.mark.parametrize("projector,bad", [(p, bad) for p in ("svd", "subspace", "randomized") for bad in ("nan", "inf")]
+                         + [("subspace", "huge")])
+def test_a_refresh_that_meets_non_finite_values_stops_in_one_line(script, optimizer, projector, bad):
+    """A diverged gradient reaches a decomposition only at a refresh: it stops there with the divergence line
+    (not svd's or eigh's LinAlgError) and leaves the weights and the projector as they were. A finite gradient of
+    1e25 overflows only the subspace iteration's G^T G; the SVDs take it."""
+    W = torch.nn.Parameter(torch.zeros(48, 32))
+    settings = {"rank": 4, "update_proj_gap": 1, "scale": 0.25, "projector": projector,
+                **({"proj_type": "std", "reset_on_refresh": False} if script == "train_galore.py"
+                   else {"paper_residual": False})}
+    opt = (ns if script == "train_galore.py" else FIRA)[optimizer]([{"params": [W], **settings}], lr=1e-3)
+    W.grad = planted(48, 32, 4)[0]
+    opt.step()  # a first, exact refresh: the cheap projectors start from it
+    weights, P = W.detach().clone(), opt.state[W]["P"].clone()
+    W.grad = W.grad * 1e25 if bad == "huge" else W.grad.index_put((torch.tensor(3), torch.tensor(5)),
+                                                                   torch.tensor(float(bad)))
+    with pytest.raises(SystemExit) as e:
+        opt.step()
+    assert str(e.value) == DIVERGED
+    assert torch.equal(W, weights) and torch.equal(opt.state[W]["P"], P)

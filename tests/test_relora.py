@@ -309,11 +309,25 @@ def test_resume_across_a_merge_is_exact(tmp_path, shakespeare):
                            "--restart-warmup", "2")
 
 
-def test_resume_inside_the_warm_start_and_across_the_switch_is_exact(tmp_path, shakespeare):
-    # the checkpoint at 4 is inside the 5-step warm start (W0's state saved), the switch (a new AdamW) after 5, lr 0
+@pytest.mark.parametrize("warm_start", [5, 4], ids=["inside", "at-the-switch"])
+def test_resume_inside_the_warm_start_and_across_the_switch_is_exact(tmp_path, shakespeare, warm_start):
+    # the checkpoint at 4 is inside the 5-step warm start (W0's state saved), or right before the switch, which
+    # the resumed run's first step then makes (a new AdamW, W0 keeps none: the memory of the straight run); lr 0
     # at step 8 and a merge after it
-    assert_resume_is_exact("train_relora.py", tmp_path, *FAST, "--warm-start-steps", "5", "--relora-every", "2",
-                           "--restart-warmup", "1")
+    assert_resume_is_exact("train_relora.py", tmp_path, *FAST, "--warm-start-steps", str(warm_start),
+                           "--relora-every", "2", "--restart-warmup", "1")
+    straight, resumed = (json.load(open(tmp_path / run / "result.json")) for run in ("a", "b"))
+    for key in ("weights_bytes", "grads_bytes", "optimizer_state_bytes"):
+        assert resumed[key] == straight[key]
+    if warm_start == 4:  # extending the run from its checkpoint at 4, K left to its default: a quarter of 16 steps
+        log = (tmp_path / "b" / "log.jsonl").read_text()
+        _, _, proc = train("train_relora.py", tmp_path / "b", *FAST, "--max-steps", "16", "--resume",
+                           "--warm-start-steps", "4", "--restart-warmup", "1", check=False)
+        assert error_of(proc) == (
+            "error: --resume with 16 steps derives --relora-every 4 (the checkpoint's 2): these periods default to "
+            "fractions of the run's steps; to extend the run, give the checkpoint's: --relora-every 2 "
+            "--warm-start-steps 4 --restart-warmup 1 --switch-warmup 0")
+        assert (tmp_path / "b" / "log.jsonl").read_text() == log
 
 
 def test_ddp_across_the_switch_and_a_merge_matches_one_process(tmp_path, shakespeare):
