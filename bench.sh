@@ -21,7 +21,8 @@
 # methods' periods (projector refresh, restarts, merges) at 25 steps so that they act. matplotlib, if
 # installed, draws the loss curves (pip install matplotlib, then python report.py OUT).
 #
-# Output: $OUT/runs/<row>_<size>_s<seed>/{result.json,log.jsonl,train.log} (or failed.json with the reason),
+# Output: $OUT/runs/<row>_<size>_s<seed>/{result.json,log.jsonl,train.log} (or failed.json with the reason, and
+# the ckpt.pt a rerun continues from; a finished run's checkpoint is removed),
 # then $OUT/results.md, $OUT/results.csv and $OUT/loss_<size>.png (report.py), of this sweep's runs alone. A run
 # whose recorded command differs from this sweep's is stale and runs again; a folder a live run holds locked is
 # left alone. SIGTERM or Ctrl-C stops the training run with SIGTERM (it checkpoints) and then the sweep. The exit
@@ -160,6 +161,8 @@ for size in $SIZES; do
                     "$method" "$size" "$seed" "$code" "$reason" "$run/failed.json"
                 echo "[fail] $method $size seed $seed: $reason"
                 failed=$((failed + 1))
+            else
+                rm -f "$run/ckpt.pt"  # a finished run's result is what the sweep keeps (tiny: 330 MB a checkpoint)
             fi
         done
     done

@@ -50,6 +50,9 @@ def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, s
     mean, sd = sum(full) / 2, abs(full[0] - full[1]) / 2 ** 0.5
     assert f"| Full-rank AdamW | nano | full | 2 | 4,096 | {mean:.2f} ± {sd:.2f} (min {min(full):.2f}" in table
     assert "| Fira | nano | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
+    # a finished run's checkpoint (every run writes one at its end) is not kept: the result is
+    assert os.path.exists(out / "runs" / "full_nano_s0" / "result.json")
+    assert not glob.glob(str(out / "runs" / "full_nano_s*" / "ckpt.pt"))
 
     # re-running skips the finished runs and retries the failed ones; other settings make a run stale
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
