@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -138,6 +139,9 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in the benchmarks
+        # activation checkpointing (--activation-checkpointing): keep only each block's input for the backward,
+        # which runs the block's forward again (a third more compute for the activations of one block at a time)
+        self.checkpointing = False
         for module in self.modules():  # HF LLaMA init: N(0, 0.02) for every linear and embedding
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.init_std)
@@ -150,7 +154,10 @@ class Llama(nn.Module):
         cos, sin = rotary_cos_sin(T, self.cfg.n_embd // self.cfg.n_head, idx.device)
         x = self.embed(idx)
         for block in self.layers:
-            x = block(x, cos, sin)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         x = self.norm(x)
         if targets is None:
             return self.head(x).float(), None

@@ -103,6 +103,9 @@ def shared_parser(doc):
         help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
              "weights under bf16 autocast; fp32 (auto on CPU)")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--activation-checkpointing", action="store_true",
+        help="keep only each block's input and recompute its activations in the backward (less memory, a third "
+             "more compute)")
     add("--seed", type=SEED, default=0, help="seed of the initialisation and of the batches")
     return parser, size
 
@@ -204,6 +207,7 @@ def new_model(args, device, param_dtype):
     """The LLaMA of --size from the current seed; on the meta device (shapes only) for a dry run."""
     with torch.device("meta") if args.dry_run else contextlib.nullcontext():
         model = Llama(get_config(args.size))
+    model.checkpointing = args.activation_checkpointing
     return model.to(device, param_dtype)
 
 

@@ -13,6 +13,15 @@ CHUNK = 64  # tokens per chunk of the loss in these tests (model.LOSS_CHUNK is 5
 SMALL = replace(SIZES["nano"], vocab_size=1024)  # nano with a vocabulary that bf16 matmuls on a CPU do quickly
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """nano's ops are too small for two threads to pay for their synchronization (as conftest.FAST_CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def loss_and_grads(model, idx, y, chunked):
     """The loss and every parameter's gradient (in fp32), by the chunked loss or by today's full fp32 logits."""
     model.zero_grad(set_to_none=True)
@@ -49,3 +58,54 @@ def test_chunked_loss_matches_the_full_logits_in_fp32_and_bf16(batch):
         scale = truth[n].abs().max()
         err_full, err_chunked = ((g[n] - truth[n]).abs().max() / scale for g in (bf16, grads))
         assert err_chunked <= 1.5 * err_full + 1e-3 and err_chunked < 0.02, n
+
+
+def saved_bytes_and_grads(model, idx):
+    """Bytes of activations the forward keeps for the backward (outside checkpointed blocks; weights and buffers
+    not counted), the loss and every gradient."""
+    model.zero_grad(set_to_none=True)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(idx, idx)[1]
+    loss.backward()
+    return sum(saved), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def method_models():
+    """nano as each script's surgery leaves it: full-rank, SLTrain (its own autograd Function), LoRA (frozen W0,
+    B made non-zero as after training), low-rank B A."""
+    from conftest import definitions, nano_with
+    sl, lora, lowrank = (definitions(f"train_{m}.py") for m in ("sltrain", "relora", "lowrank_refactor"))
+
+    def sparse(i, linear):
+        m, n = linear.weight.shape
+        return sl["SparseLowRankLinear"](m, n, 8, 32, sl["draw_support"](m, n, int(0.1 * m * n), 0, i))
+
+    def lora_layer(i, linear):
+        layer = lora["LoRALinear"](linear.weight, 8, 32)
+        torch.nn.init.normal_(layer.B, std=0.02)
+        return layer
+
+    torch.manual_seed(0)
+    yield "full", Llama(SIZES["nano"])
+    yield "sltrain", nano_with(sparse)[0]
+    yield "lora", nano_with(lora_layer)[0]
+    yield "lowrank", nano_with(lambda i, linear: lowrank["LowRankLinear"](*linear.weight.shape, 8, 32))[0]
+
+
+def test_activation_checkpointing_gives_the_same_gradients_for_every_method():
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(2))
+    for name, model in method_models():
+        kept, loss, grads = saved_bytes_and_grads(model, idx)
+        model.checkpointing = True
+        kept_ckpt, loss_ckpt, grads_ckpt = saved_bytes_and_grads(model, idx)
+        assert kept_ckpt < kept / 2, name  # the blocks' activations are no longer kept
+        assert loss_ckpt == loss and grads_ckpt.keys() == grads.keys(), name
+        for n in grads:  # the recomputed forward is the same computation: equal to rounding
+            torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-6, atol=1e-9, msg=f"{name} {n}")
