@@ -14,11 +14,14 @@ serves every script and bench.sh.
 import argparse
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 
@@ -192,9 +195,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
         for i in range(0, len(h), LOSS_CHUNK):
             hc, tc = h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK]
-            grad_logits = ((hc @ weight.T).float() - lse[i:i + LOSS_CHUNK, None]).exp_()  # softmax
+            grad_logits = (hc @ weight.T).float().sub_(lse[i:i + LOSS_CHUNK, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1
-            grad_logits = (grad_logits * (grad_loss / len(h))).to(h.dtype)
+            grad_logits = grad_logits.mul_(grad_loss / len(h)).to(h.dtype)
             grad_h[i:i + LOSS_CHUNK] = grad_logits @ weight
             grad_weight += (grad_logits.T @ hc).float()
         return grad_h, grad_weight.to(weight.dtype), None
@@ -332,6 +335,38 @@ def memory_report(model, optimizer):
             "grads_bytes": tensor_bytes(p.grad for p in params),
             "optimizer_state_bytes": tensor_bytes(states),
             "buffers_bytes": tensor_bytes(model.buffers())}
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """The bytes of tensor storage allocated while active and alive now (`live`), and the most at any moment
+    (`peak`), on any device: every op's outputs that share no storage with its inputs are new storage, counted
+    until freed. Tensors alive before it began (weights, optimizer states) are not counted: the caller adds them.
+    Memory an op uses inside itself and frees before it returns (a kernel's workspace) is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked = set()  # ids of the storages counted and still alive
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if is_strided(t)}
+        for t in tree_flatten(out)[0]:
+            if is_strided(t) and id(t.untyped_storage()) not in inputs | self.tracked:
+                storage = t.untyped_storage()  # the same Python object for as long as the storage lives
+                self.tracked.add(id(storage))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self.free, id(storage), storage.nbytes())
+        return out
+
+    def free(self, storage_id, nbytes):
+        self.tracked.discard(storage_id)
+        self.live -= nbytes
+
+
+def is_strided(t):
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
 
 
 def estimate_bytes(size, method, precision="bf16", hparams=None):

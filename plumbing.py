@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import load_tokens, val_windows
-from model import (RECIPES, SEQ_LEN, Llama, estimate_bytes, get_config, memory_report,
+from model import (RECIPES, SEQ_LEN, Llama, PeakTensorBytes, estimate_bytes, get_config, memory_report,
                    method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
 # -----------------------------------------------------------------------------
@@ -360,6 +360,22 @@ def time_step(stats, step, start_step, t0, tokens_per_step, device, device_type)
         stats["timed_tokens"] += tokens_per_step
 
 
+def track_peak(on, model, optimizer):
+    """From here to stop_peak, if on: the peak of live tensor bytes (model.PeakTensorBytes), over the bytes of
+    the weights, gradients, optimizer states and buffers alive at the start, counted from the tensors."""
+    if not on:
+        return None
+    tracker = PeakTensorBytes()
+    tracker.alive_before = sum(memory_report(model, optimizer).values())
+    return tracker.__enter__()
+
+
+def stop_peak(tracker, stats):
+    if tracker is not None:
+        tracker.__exit__(None, None, None)
+        stats["peak_tensor_bytes"] = tracker.alive_before + tracker.peak
+
+
 def check_val(record, step):
     if not math.isfinite(record["val_ppl"]):
         sys.exit(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
@@ -396,6 +412,8 @@ def write_result(out_dir, run, args, method, hparams, record, model, optimizer, 
     if not (all_finite(model.parameters()) and math.isfinite(record["val_ppl"])):
         sys.exit("error: non-finite weights or validation loss at the end: training diverged (no result written)")
     memory = {**memory_report(model, optimizer), "grads_bytes": stats["grads_bytes"]}
+    if "peak_tensor_bytes" in stats:  # measured on the first step of the run (or of its resume)
+        memory["peak_tensor_bytes"] = stats["peak_tensor_bytes"]
     if device_type == "cuda":
         memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None
