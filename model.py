@@ -14,11 +14,15 @@ serves every script and bench.sh.
 import argparse
 import math
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -138,20 +142,75 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in the benchmarks
+        # activation checkpointing (--activation-checkpointing): keep only each block's input for the backward,
+        # which runs the block's forward again (a third more compute for the activations of one block at a time)
+        self.checkpointing = False
         for module in self.modules():  # HF LLaMA init: N(0, 0.02) for every linear and embedding
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=cfg.init_std)
 
     def forward(self, idx, targets=None):
+        """(logits, None) without targets; (None, mean cross-entropy) with them, computed from the last hidden
+        states in chunks of tokens so that the B x T x V logits never exist (at 60m and 8 x 256 tokens they would
+        be 412 MB in fp32, more than the weights, gradients and AdamW states together)."""
         T = idx.shape[1]
         cos, sin = rotary_cos_sin(T, self.cfg.n_embd // self.cfg.n_head, idx.device)
         x = self.embed(idx)
         for block in self.layers:
-            x = block(x, cos, sin)
-        logits = self.head(self.norm(x)).float()
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        x = self.norm(x)
         if targets is None:
-            return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))
+            return self.head(x).float(), None
+        return None, chunked_cross_entropy(x, self.head.weight, targets)
+
+
+LOSS_CHUNK = 512  # tokens per chunk of the loss: 512 x 50304 fp32 logits are 103 MB, whatever the micro-batch
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean over N tokens of -log softmax(h W^T)[target], one chunk of tokens at a time; the logits are fp32 inside
+    a chunk only (the matmul in the dtype of h and W, as the head's nn.Linear), and the backward recomputes them:
+        dL/dlogits = (softmax(logits) - onehot(target)) / N,  dL/dh = dL/dlogits W,  dL/dW = sum dL/dlogits^T h
+    It saves h and the N log-sum-exps instead of N x V probabilities."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):  # h: (N, d), weight: (V, d), targets: (N,)
+        lse = torch.empty(len(h), device=h.device)
+        loss = torch.zeros((), device=h.device)
+        for i in range(0, len(h), LOSS_CHUNK):
+            logits = (h[i:i + LOSS_CHUNK] @ weight.T).float()
+            lse[i:i + LOSS_CHUNK] = logits.logsumexp(-1)
+            picked = logits.gather(1, targets[i:i + LOSS_CHUNK, None]).squeeze(1)
+            loss += (lse[i:i + LOSS_CHUNK] - picked).sum()
+        ctx.save_for_backward(h, weight, targets, lse)
+        return loss / len(h)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, weight, targets, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
+        for i in range(0, len(h), LOSS_CHUNK):
+            hc, tc = h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK]
+            grad_logits = (hc @ weight.T).float().sub_(lse[i:i + LOSS_CHUNK, None]).exp_()  # softmax, in place
+            grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1
+            grad_logits = grad_logits.mul_(grad_loss / len(h)).to(h.dtype)
+            grad_h[i:i + LOSS_CHUNK] = grad_logits @ weight
+            grad_weight += (grad_logits.T @ hc).float()
+        return grad_h, grad_weight.to(weight.dtype), None
+
+
+def chunked_cross_entropy(h, weight, targets):
+    """The mean cross-entropy of the logits h W^T against targets, never holding more than LOSS_CHUNK tokens' logits;
+    under autocast the matmuls run in its dtype, as the head's nn.Linear would."""
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return ChunkedCrossEntropy.apply(h.flatten(0, 1), weight, targets.reshape(-1))
 
 
 def compressible_matrices(model):
@@ -303,6 +362,38 @@ def memory_report(model, optimizer):
             "grads_bytes": tensor_bytes(p.grad for p in params),
             "optimizer_state_bytes": tensor_bytes(states),
             "buffers_bytes": tensor_bytes(model.buffers())}
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """The bytes of tensor storage allocated while active and alive now (`live`), and the most at any moment
+    (`peak`), on any device: every op's outputs that share no storage with its inputs are new storage, counted
+    until freed. Tensors alive before it began (weights, optimizer states) are not counted: the caller adds them.
+    Memory an op uses inside itself and frees before it returns (a kernel's workspace) is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked = set()  # ids of the storages counted and still alive
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if is_strided(t)}
+        for t in tree_flatten(out)[0]:
+            if is_strided(t) and id(t.untyped_storage()) not in inputs | self.tracked:
+                storage = t.untyped_storage()  # the same Python object for as long as the storage lives
+                self.tracked.add(id(storage))
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self.free, id(storage), storage.nbytes())
+        return out
+
+    def free(self, storage_id, nbytes):
+        self.tracked.discard(storage_id)
+        self.live -= nbytes
+
+
+def is_strided(t):
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
 
 
 def estimate_bytes(size, method, precision="bf16", hparams=None):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import dataset_name, load_tokens, val_windows
-from model import (RECIPES, SEQ_LEN, Llama, estimate_bytes, get_config, memory_report,
+from model import (RECIPES, SEQ_LEN, Llama, PeakTensorBytes, estimate_bytes, get_config, memory_report,
                    method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
 # -----------------------------------------------------------------------------
@@ -111,6 +111,9 @@ def shared_parser(doc):
         help="bf16: weights, gradients and states in bf16, as the papers (auto on CUDA); mixed: fp32 "
              "weights under bf16 autocast; fp32 (auto on CPU)")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--activation-checkpointing", action="store_true",
+        help="keep only each block's input and recompute its activations in the backward (less memory, a third "
+             "more compute)")
     add("--seed", type=SEED, default=0, help="seed of the initialisation and of the batches")
     return parser, size
 
@@ -218,6 +221,7 @@ def new_model(args, device, param_dtype):
     """The LLaMA of --size from the current seed; on the meta device (shapes only) for a dry run."""
     with torch.device("meta") if args.dry_run else contextlib.nullcontext():
         model = Llama(get_config(args.size))
+    model.checkpointing = args.activation_checkpointing
     return model.to(device, param_dtype)
 
 
@@ -388,6 +392,22 @@ def time_step(stats, step, start_step, t0, tokens_per_step, device, device_type)
         stats["timed_tokens"] += tokens_per_step
 
 
+def track_peak(on, model, optimizer):
+    """From here to stop_peak, if on: the peak of live tensor bytes (model.PeakTensorBytes), over the bytes of
+    the weights, gradients, optimizer states and buffers alive at the start, counted from the tensors."""
+    if not on:
+        return None
+    tracker = PeakTensorBytes()
+    tracker.alive_before = sum(memory_report(model, optimizer).values())
+    return tracker.__enter__()
+
+
+def stop_peak(tracker, stats):
+    if tracker is not None:
+        tracker.__exit__(None, None, None)
+        stats["peak_tensor_bytes"] = tracker.alive_before + tracker.peak
+
+
 def check_val(record, step):
     if not math.isfinite(record["val_ppl"]):
         leave(f"error: the validation loss is {record['val_loss']} at step {step + 1}: training diverged")
@@ -441,6 +461,8 @@ def write_result(out_dir, run, args, method, hparams, record, model, optimizer, 
     if not (all_finite(model.parameters()) and math.isfinite(record["val_ppl"])):
         return fail("error: non-finite weights or validation loss at the end: training diverged (no result written)")
     memory = {**memory_report(model, optimizer), "grads_bytes": stats["grads_bytes"]}
+    if "peak_tensor_bytes" in stats:  # measured on the first step of the run (or of its resume)
+        memory["peak_tensor_bytes"] = stats["peak_tensor_bytes"]
     if device_type == "cuda":
         memory["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     tokens_per_s = stats["timed_tokens"] / stats["train_time"] if stats["train_time"] else None

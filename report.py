@@ -60,7 +60,8 @@ PAPER = {
 }
 
 COLUMNS = ["method", "size", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",
-           "weights_states_mib", "buffers_mib", "bf16_estimate_mib", "peak_gpu_mib", "tokens_per_s", "mfu", "device"]
+           "weights_states_mib", "buffers_mib", "bf16_estimate_mib", "peak_tensor_mib",
+           "peak_gpu_mib", "tokens_per_s", "mfu", "device"]
 RUN = re.compile(r"(.+)_([^_]+)_s(\d+)$")  # <row>_<size>_s<seed>
 
 
@@ -95,6 +96,7 @@ def result_row(r, size):
                val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
                weights_states_mib=(r["weights_bytes"] + r["optimizer_state_bytes"]) / 2**20,
                buffers_mib=r["buffers_bytes"] / 2**20, tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
+               peak_tensor_mib=r["peak_tensor_bytes"] / 2**20 if "peak_tensor_bytes" in r else None,
                peak_gpu_mib=r["max_memory_allocated_bytes"] / 2**20 if "max_memory_allocated_bytes" in r else None)
     est = estimate_bytes(size, r["method"], "bf16", r)
     row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20
@@ -114,7 +116,7 @@ def summarize(rows):
             ppl = [r["val_ppl"] for r in ok]
             line.update(ppl=statistics.mean(ppl), ppl_sd=statistics.stdev(ppl) if len(ppl) > 1 else None,
                         ppl_min=min(ppl), ppl_max=max(ppl), tps=statistics.mean(r["tokens_per_s"] or 0 for r in ok))
-            for key in ("mfu", "peak_gpu_mib"):
+            for key in ("mfu", "peak_tensor_mib", "peak_gpu_mib"):
                 values = [r[key] for r in ok if r[key] is not None]
                 line[key] = statistics.mean(values) if values else None
         lines.append(line)
@@ -127,13 +129,13 @@ def summarize(rows):
 
 def markdown(rows, lines, out):
     table = ["| method | size | rank | seeds | tokens | val ppl | weights + states (MiB, as trained) "
-             "| bf16 estimate (MiB) | peak GPU (MiB) | tokens/s | vs full | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bf16 estimate (MiB) | peak tensors (MiB) | peak GPU (MiB) | tokens/s | vs full | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for line in lines:
         label, failed = LABELS.get(line["method"], line["method"]), [r for r in line["runs"] if r["status"] != "ok"]
         note = "; ".join(f"seed {r['seed']} {r['status']}" for r in failed)
         if not line["ok"]:
-            table.append(f"| {label} | {line['size']} | | | | {note} | | | | | | |")
+            table.append(f"| {label} | {line['size']} | | | | {note} | | | | | | | |")
             continue
         first = line["ok"][0]
         ppl = f"{line['ppl']:.2f}"
@@ -144,7 +146,7 @@ def markdown(rows, lines, out):
         memory = f"{first['weights_states_mib']:.1f} ({first['precision']})"
         if first["buffers_mib"]:
             memory += f" + {first['buffers_mib']:.1f} indices"
-        peak = f"{line['peak_gpu_mib']:,.0f}" if line["peak_gpu_mib"] else "-"
+        peak = " | ".join(f"{line[k]:,.0f}" if line[k] else "-" for k in ("peak_tensor_mib", "peak_gpu_mib"))
         speed = f"{line['rel_speed']:.2f}" if "rel_speed" in line else "-"
         mfu = f"{100 * line['mfu']:.1f}%" if line["mfu"] else "-"
         table.append(f"| {label} | {line['size']} | {first['rank'] or 'full'} | {len(line['ok'])} "
@@ -167,10 +169,13 @@ def markdown(rows, lines, out):
     notes = ["", "val ppl: mean over the seeds that finished, ± their sample standard deviation when there are "
              "several. weights + states: bytes counted from the live tensors in the run's precision (+ SLTrain's "
              "int32 support indices). bf16 estimate: weights + optimizer states at 2 bytes each, as GaLore's "
-             "Table 2 counts them (python model.py --memory). peak GPU: torch.cuda.max_memory_allocated after one "
-             "warm-up step. tokens/s: training tokens per second of optimizer steps after the first, evaluation "
-             "excluded. MFU: model FLOPs (6 per trained weight, 4 per frozen one, plus attention) per second "
-             "over the GPU's dense bf16 peak. vs full: tokens/s relative to full-rank AdamW at the same size."]
+             "Table 2 counts them (python model.py --memory). peak tensors: the most bytes of live tensors in the "
+             "first training step, measured on any device (model.PeakTensorBytes: weights, gradients, states, "
+             "activations, the loss; not kernels' workspaces nor the allocator's cache). peak GPU: "
+             "torch.cuda.max_memory_allocated after one warm-up step. tokens/s: training tokens per second of "
+             "optimizer steps after the first, evaluation excluded. MFU: model FLOPs (6 per trained weight, 4 per "
+             "frozen one, plus attention) per second over the GPU's dense bf16 peak. vs full: tokens/s relative to "
+             "full-rank AdamW at the same size."]
     text = "\n".join(table + paper + notes) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# Benchmark: {os.path.basename(os.path.normpath(out))}\n\n" + text)

@@ -38,8 +38,8 @@ from model import compressible_matrices, estimate_bytes, flops_per_token, get_co
 from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, catch_stop_signals, check_val, checkpoint_due, ddp_wrap,
                       finish, load_data, lr_schedule, mean_loss, new_model, open_out_dir, output_paths, parse_args,
                       print_plan, progress_bar, resume, run_config, run_name, save_checkpoint, setup_batch,
-                      setup_precision, setup_processes, setup_steps, shared_parser, stop_run, stop_signal,
-                      time_estimate, time_step, wrap_model, write_log, write_result)
+                      setup_precision, setup_processes, setup_steps, shared_parser, stop_peak, stop_run, stop_signal,
+                      time_estimate, time_step, track_peak, wrap_model, write_log, write_result)
 
 # -----------------------------------------------------------------------------
 # config: the flags every script shares (plumbing.py), then the method's; every default is the size's recipe
@@ -119,7 +119,7 @@ rest = [p for p in model.parameters() if all(p is not w for w in matrices)]
 optimizer = MuonAdamW(
     torch.optim.Muon(matrices, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum, nesterov=True,
                      ns_steps=args.ns_steps, adjust_lr_fn=args.adjust_lr_fn),
-    torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay))
+    torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay, fused=True))
 hparams = {"lr": args.lr, "momentum": args.momentum, "ns_steps": args.ns_steps, "adjust_lr_fn": args.adjust_lr_fn}
 # --- METHOD: end ---
 
@@ -143,6 +143,8 @@ bar = progress_bar(run, args, start_step, max_steps, master)
 last_log, record = (0.0, 0), {}
 for step in bar:
     t0 = time.time()
+    # the step that the timing skips is measured: its peak of live tensor bytes (not under torch.compile)
+    tracker = track_peak(step == start_step and not args.compile, raw_model, optimizer)
     lr = lr_schedule(step, args.lr, warmup_steps, max_steps, args.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -167,6 +169,7 @@ for step in bar:
         stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    stop_peak(tracker, stats)
     method_log = {}  # what the method did in this step, if anything
     # everything below is diagnostics: the loss, divergence, timing, evaluation, the log, checkpoints
     train_loss = mean_loss(loss_sum, accum, ddp, ddp_world, step)

@@ -47,8 +47,8 @@ from model import compressible_matrices, estimate_bytes, flops_per_token, get_co
 from plumbing import (COUNT, OFF_OR_COUNT, POSITIVE, bounded, catch_stop_signals, check_val, checkpoint_due, ddp_wrap,
                       finish, load_data, lr_schedule, mean_loss, new_model, open_out_dir, output_paths, parse_args,
                       print_plan, progress_bar, resume, run_config, run_name, save_checkpoint, setup_batch,
-                      setup_precision, setup_processes, setup_steps, shared_parser, stop_run, stop_signal,
-                      time_estimate, time_step, wrap_model, write_log, write_result)
+                      setup_precision, setup_processes, setup_steps, shared_parser, stop_peak, stop_run, stop_signal,
+                      time_estimate, time_step, track_peak, wrap_model, write_log, write_result)
 
 # -----------------------------------------------------------------------------
 # config: the flags every script shares (plumbing.py), then the method's; every default is the size's recipe
@@ -238,6 +238,8 @@ bar = progress_bar(run, args, start_step, max_steps, master)
 last_log, record = (0.0, 0), {}
 for step in bar:
     t0 = time.time()
+    # the step that the timing skips is measured: its peak of live tensor bytes (not under torch.compile)
+    tracker = track_peak(step == start_step and not args.compile, raw_model, optimizer)
     lr = lr_schedule(step, args.lr, warmup_steps, max_steps, args.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -262,6 +264,7 @@ for step in bar:
         stats["grads_bytes"] = tensor_bytes(p.grad for p in raw_model.parameters())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    stop_peak(tracker, stats)
     method_log = {}  # what the method did in this step, if anything
     # --- METHOD: begin ---
     if args.reset_every and (step + 1) % args.reset_every == 0:  # the optimizer reset the moments in this step

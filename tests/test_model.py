@@ -40,8 +40,10 @@ def test_forward_shapes_and_initial_loss():
     torch.manual_seed(0)
     m = Llama(SIZES["nano"])
     idx = torch.randint(0, 50257, (3, 17))
-    logits, loss = m(idx, idx)
+    logits, _ = m(idx)
     assert logits.shape == (3, 17, 50304)
+    none, loss = m(idx, idx)  # the loss comes without the logits (model.chunked_cross_entropy)
+    assert none is None
     # small init -> near-uniform prediction over the padded vocabulary
     assert abs(loss.item() - math.log(50304)) < 0.05
 
