@@ -17,6 +17,11 @@ import torch
 from conftest import NANO, SCRIPTS, error_of, run, train
 
 STEPS = ["--max-steps", "4"]
+# the stop comes after step 2; with these the method acts in the resumed steps too (a refresh or a reset at step 3),
+# so that its state crosses the checkpoint: these stand for the methods' own resume tests. The low-rank scripts and
+# ReLoRA have theirs, inside a recovery window, across a restart, a merge, the warm-start switch.
+ACTS = {"train_galore.py": ["--update-proj-gap", "3"], "train_fira.py": ["--update-proj-gap", "3"],
+        "train_apollo.py": ["--update-proj-gap", "3"], "train_stable_spam.py": ["--reset-every", "3"]}
 
 # the script, run in this process, sends itself stop signals in step $SIGNAL_STEP, once it has trained (on rank
 # $SIGNAL_RANK under DDP): one per pause in $SIGNAL_PAUSES (the seconds before it), as a scheduler or a user would
@@ -53,7 +58,7 @@ def straight(tmp_path_factory):
     def get(script):
         if script not in runs:
             out = tmp_path_factory.mktemp("straight") / script
-            result, log, _ = train(script, out, *STEPS)
+            result, log, _ = train(script, out, *STEPS, *ACTS.get(script, []))
             runs[script] = result, log, out
         return runs[script]
     return get
@@ -65,10 +70,11 @@ def steps(log):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_stop_signal_checkpoints_and_the_printed_resume_is_the_straight_run(tmp_path, shakespeare, straight, script):
-    stopped = signalled(script, tmp_path)
+    acts = ACTS.get(script, [])
+    stopped = signalled(script, tmp_path, *acts)
     assert stopped.returncode == 128 + 15, stopped.stderr[-2000:]
     last = stopped.stderr.strip().splitlines()[-1]
-    command = f"python {script} {shlex.join([*NANO, *STEPS, '--out-dir', str(tmp_path)])} --resume"
+    command = f"python {script} {shlex.join([*NANO, *STEPS, '--out-dir', str(tmp_path), *acts])} --resume"
     assert last == f"stopped by SIGTERM after step 2, checkpoint in {tmp_path}/ckpt.pt; resume with: {command}"
     assert stopped.stderr.count("SIGTERM: stopping after this step") == 1  # the repeat is the same stop
     assert not (tmp_path / "result.json").exists()
@@ -76,6 +82,8 @@ def test_a_stop_signal_checkpoints_and_the_printed_resume_is_the_straight_run(tm
     result, log, _ = straight(script)
     assert steps(json.loads(line) for line in open(tmp_path / "log.jsonl")) == steps(log)
     assert json.load(open(tmp_path / "result.json"))["val_loss"] == result["val_loss"]
+    if acts:  # the method acted after the stop, from the state the checkpoint kept
+        assert any(key in r for r in log if r["step"] > 2 for key in ("refreshes", "resets")), log
 
 
 def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path, shakespeare):
