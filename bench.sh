@@ -14,7 +14,7 @@
 #   LR=1e-2 bash bench.sh                # one learning rate for every method
 #
 # Every run is `python <script> <its row's flags>`, the script and flags coming from model.py's recipe table
-# (`python model.py --bench-command ROW SIZE`), the same defaults a direct run of the script uses. The papers'
+# (`python model.py --bench-command ROWS SIZES`), the same defaults a direct run of the script uses. The papers'
 # budgets: 512 sequences x 256 tokens = 131,072 tokens per step, 60m 10K steps (1.3B tokens), 130m 20K (2.6B),
 # 350m 60K (7.9B), 1b 100K (13.1B); --budget scales the steps (GPU default 0.1: a 350m run is then 6,000 steps,
 # 786M tokens, per method). The CPU default is the scripts' tiny recipe: 100 steps of 8 x 256 tokens, with the
@@ -88,11 +88,10 @@ if [ "$DATASET" != shakespeare ] && [ ! -f "data/$DATASET/meta.json" ]; then
 fi
 
 declare -A COMMAND  # every row of the sweep, checked before the first run: a typo in METHODS runs nothing
-for size in $SIZES; do
-    for method in $METHODS; do
-        COMMAND[$method,$size]=$(python model.py --bench-command "$method" "$size") || exit 2
-    done
-done
+commands=$(python model.py --bench-command "$METHODS" "$SIZES") || exit 2
+while read -r size method command; do
+    COMMAND[$method,$size]=$command
+done <<< "$commands"
 
 # SIGTERM or Ctrl-C: the running training run gets SIGTERM (it checkpoints and exits; a run started in the
 # background ignores SIGINT), and the sweep stops when it has

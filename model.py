@@ -9,7 +9,7 @@ serves every script and bench.sh.
 
     python model.py                                # every size: its parameters and the papers' recipe
     python model.py --memory                       # bf16 bytes of weights + optimizer states per size and method
-    python model.py --bench-command lowrank 60m    # the script and flags bench.sh runs for a row of its table
+    python model.py --bench-command "full lowrank" 60m    # the script and flags bench.sh runs for rows of its table
 """
 import argparse
 import math
@@ -481,15 +481,20 @@ def main():
     parser.add_argument("--size", default=None, help="one size only (default: all)")
     parser.add_argument("--memory", action="store_true",
                         help="print bf16 bytes of weights + optimizer states for every method")
-    parser.add_argument("--bench-command", nargs=2, metavar=("ROW", "SIZE"),
-                        help="print the script and flags bench.sh runs for a benchmark row at a size")
+    parser.add_argument("--bench-command", nargs=2, metavar=("ROWS", "SIZES"),
+                        help="print, one line per size and row (each list separated by spaces), the size, the row, "
+                             "and the script and flags bench.sh runs for it")
     args = parser.parse_args()
-    if args.bench_command:
-        row, size = args.bench_command
-        if row not in BENCH_ROWS:
-            sys.exit(f"error: unknown benchmark row {row!r}; rows: {', '.join(BENCH_ROWS)}")
-        get_config(size)
-        print(bench_command(row, size))
+    if args.bench_command:  # every row and size at once: the sweep is checked before its first run, in one process
+        rows, sizes = (names.split() for names in args.bench_command)
+        for row in rows:
+            if row not in BENCH_ROWS:
+                sys.exit(f"error: unknown benchmark row {row!r}; rows: {', '.join(BENCH_ROWS)}")
+        for size in sizes:
+            get_config(size)
+        for size in sizes:
+            for row in rows:
+                print(size, row, bench_command(row, size))
         return
     sizes = [args.size] if args.size else list(SIZES)
     for size in sizes:
