@@ -294,13 +294,13 @@ METHODS = {
     "stable_spam": {"script": "train_stable_spam.py", "variant": "stable_spam", "lr": {"130m": 8e-4, "*": 1e-3},
                     "reset_every": {"nano": 25, "tiny": 25, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
                     "gamma3": 0.999, "eta": 0.5},
+    "spam": {"script": "train_stable_spam.py", "variant": "spam",
+             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "*": 500},
+             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "*": 150}},
     # Muon: torch.optim.Muon's momentum 0.95 and 5 Newton-Schulz steps (Keller Jordan's), Moonlight's lr scaling so
     # that AdamW's lr serves (full's 1e-3: ours, no Muon run of the benchmark papers gives its lr)
     "muon": {"script": "train_muon.py", "lr": 1e-3, "momentum": 0.95, "ns_steps": 5,
              "adjust_lr_fn": "match_rms_adamw"},
-    "spam": {"script": "train_stable_spam.py", "variant": "spam",
-             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "*": 500},
-             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "*": 150}},
 }
 
 # The benchmark's rows: a script's method and what differs from its defaults.

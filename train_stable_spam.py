@@ -69,7 +69,7 @@ parser.add_argument("--variant", choices=VARIANTS, help="Stable-SPAM, or plain S
 parser.add_argument("--lr", type=POSITIVE, help="peak learning rate")
 parser.add_argument("--reset-every", type=OFF_OR_COUNT, help="dT: a momentum reset every dT steps (0: never)")
 UNIT = bounded(float, 0, 1, open_high=True)
-STABLE_SPAM_FLAGS, SPAM_FLAGS = ("gamma1", "gamma2", "gamma3", "eta", "decay_steps"), ("threshold", "recovery_steps")
+FLAGS = {"stable_spam": ("gamma1", "gamma2", "gamma3", "eta", "decay_steps"), "spam": ("threshold", "recovery_steps")}
 parser.add_argument("--gamma1", type=UNIT, help="Stable-SPAM: decay of the gradient norm's running mean")
 parser.add_argument("--gamma2", type=UNIT, help="Stable-SPAM: decay of the squared gradient norm's running mean")
 parser.add_argument("--gamma3", type=UNIT, help="Stable-SPAM: decay of the running max|G|, the spike threshold")
@@ -204,12 +204,11 @@ class SPAM(torch.optim.Optimizer):
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
-own, other = (STABLE_SPAM_FLAGS, SPAM_FLAGS) if METHOD == "stable_spam" else (SPAM_FLAGS, STABLE_SPAM_FLAGS)
-given = [k for k in other if getattr(args, k) is not None]
+other = next(v for v in VARIANTS if v != METHOD)
+given = [k for k in FLAGS[other] if getattr(args, k) is not None]
 if given:  # a flag of the other variant would do nothing
-    other_variant = "spam" if METHOD == "stable_spam" else "stable_spam"
-    sys.exit(f"error: --{given[0].replace('_', '-')} is a setting of --variant {other_variant}")
-settings = {k: getattr(args, k) for k in own}
+    sys.exit(f"error: --{given[0].replace('_', '-')} is a setting of --variant {other}")
+settings = {k: getattr(args, k) for k in FLAGS[METHOD]}
 if METHOD == "stable_spam":
     settings["decay_steps"] = args.decay_steps or max_steps
     optimizer = StableSPAM(model.parameters(), args.lr, args.reset_every, weight_decay=args.weight_decay, **settings)
