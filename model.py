@@ -15,7 +15,7 @@ import argparse
 import math
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -31,16 +31,19 @@ class LlamaConfig:
     n_ff: int            # SwiGLU hidden width
     n_head: int
     n_layer: int
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 (faster matmuls)
+    vocab_size: int = 50304  # the dataset's (meta.json) padded to a multiple of 64: GPT-2's 50257 -> 50304
     norm_eps: float = 1e-6
     init_std: float = 0.02   # as the GaLore/Fira LLaMA configs
 
 
 # The benchmark sizes are the GaLore/Fira/Glentis et al. LLaMA configs (configs/llama_*.json);
-# `nano` and `tiny` are ours, for tests and CPU runs. Counts below use our 50304-token vocabulary
-# (the papers use T5's 32000, so their embedding share is smaller).
+# `nano`, `mini` and `tiny` are ours, for tests and CPU runs. The vocabulary is the dataset's (GPT-2's by default:
+# the papers use T5's 32000, so their embedding share is smaller). `mini` is the papers' regime in miniature for a
+# CPU, on UTF-8 bytes (vocabulary 257 -> 320): attention + MLP are 90.5% of its parameters (1b on T5: 90%), head
+# dim 64 and n_ff / d = 2.6875 as 60m, r = d / 4.
 SIZES = {
     "nano": LlamaConfig(n_embd=32, n_ff=88, n_head=2, n_layer=2),
+    "mini": LlamaConfig(n_embd=128, n_ff=344, n_head=2, n_layer=4),
     "tiny": LlamaConfig(n_embd=256, n_ff=688, n_head=4, n_layer=4),
     "60m": LlamaConfig(n_embd=512, n_ff=1376, n_head=8, n_layer=8),
     "130m": LlamaConfig(n_embd=768, n_ff=2048, n_head=12, n_layer=12),
@@ -50,19 +53,22 @@ SIZES = {
 }
 
 # Rank r of the low-rank methods per size: GaLore's Table 2 (r / d_model = 128/512, 256/768, 256/1024,
-# 512/2048), reused by Fira and by Glentis et al.; 7b as GaLore's 7B run; nano and tiny keep r = d/4.
-RANKS = {"nano": 8, "tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+# 512/2048), reused by Fira and by Glentis et al.; 7b as GaLore's 7B run; nano, mini and tiny keep r = d/4.
+RANKS = {"nano": 8, "mini": 32, "tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 # Linear layers a method may compress: attention q,k,v,o and MLP gate,up,down (as the official
 # GaLore/Fira code, which takes every nn.Linear under "attn" or "mlp"). Embedding, head and norms never.
 COMPRESSIBLE = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
-def get_config(size):
-    """The config of a named size, or a one-line exit listing the valid ones."""
+def get_config(size, vocab_size=None):
+    """The config of a named size with a dataset's vocabulary (default GPT-2's), or a one-line exit listing the valid
+    sizes."""
     if size not in SIZES:
         sys.exit(f"error: unknown --size {size!r}; valid sizes: {', '.join(SIZES)}")
-    return SIZES[size]
+    if vocab_size is None:
+        return SIZES[size]
+    return replace(SIZES[size], vocab_size=64 * math.ceil(vocab_size / 64))
 
 
 class RMSNorm(nn.Module):
@@ -236,14 +242,17 @@ class Recipe:
     micro_batch_80gb: int  # sequences per forward/backward that fit an 80 GB GPU (bf16; larger GPUs scale it)
     val_tokens: int        # size of the fixed validation set
     evals: int             # evaluations per run, the last one at the end
+    dataset: str = "shakespeare"  # the default --dataset (prepared on first use; C4 must be prepared: data.py)
 
 
 SEQ_LEN = 256         # tokens per sequence in every benchmark paper
 CPU_MICRO_BATCH = 8   # sequences per forward/backward on a CPU
 # GaLore / Fira / Glentis et al.: 512 sequences of 256 tokens per step, 10K / 20K / 60K / 100K / 150K steps.
-# nano and tiny are ours: 100 CPU steps of 8 sequences (205K tokens, a few minutes of tiny on 2 cores).
+# nano and tiny are ours: 100 CPU steps of 8 sequences (205K tokens, a few minutes of tiny on 2 cores). mini's
+# budget, 300 steps of 16 sequences (1.2M bytes, 1.4 per parameter), is about 2 minutes a run on 2 cores.
 RECIPES = {
     "nano": Recipe(100, 8, 8, 4_096, 1),
+    "mini": Recipe(300, 16, 512, 65_536, 1, "shakespeare-bytes"),
     "tiny": Recipe(100, 8, 8, 32_768, 1),
     "60m": Recipe(10_000, 512, 128, 1_048_576, 10),
     "130m": Recipe(20_000, 512, 64, 1_048_576, 10),
@@ -252,8 +261,9 @@ RECIPES = {
     "7b": Recipe(150_000, 512, 4, 1_048_576, 10),
 }
 
-# The papers act every 200 steps (GaLore's projector T, the restarts' K); 100-step CPU runs act every 25.
-PERIOD = {"nano": 25, "tiny": 25, "7b": 500, "*": 200}
+# The papers act every 200 steps (GaLore's projector T, the restarts' K) of 10K-100K; 100-step CPU runs act every
+# 25, mini's 300 steps every 50.
+PERIOD = {"nano": 25, "tiny": 25, "mini": 50, "7b": 500, "*": 200}
 # alpha of the low-rank parameterizations (y = B A x alpha / r): 32 up to 130m, 16 from 350m (the authors' runs)
 ALPHA = {"350m": 16, "1b": 16, "7b": 16, "*": 32}
 
@@ -290,13 +300,13 @@ METHODS = {
     # 0.85, gamma2 0.99999, gamma3 0.999, a reset every 1000 steps, eta 0.5); lr 1e-3 elsewhere is their README's.
     # SPAM: the authors' scripts (TianjinYellow/SPAM-Optimizer scripts/: 130m 8e-4, 350m 4e-4, dT 500, theta 5000)
     # and their README's warmup N = 150; 1b's 2e-4 continues the halving (their 1b script's 2e-3 cannot run as
-    # released). nano and tiny reset every 25 steps (SPAM warms up over 10), so that 100-step runs reset.
+    # released). The CPU sizes reset every PERIOD steps (SPAM warming up over 2/5 of it), so that their runs reset.
     "stable_spam": {"script": "train_stable_spam.py", "variant": "stable_spam", "lr": {"130m": 8e-4, "*": 1e-3},
-                    "reset_every": {"nano": 25, "tiny": 25, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
+                    "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
                     "gamma3": 0.999, "eta": 0.5},
     "spam": {"script": "train_stable_spam.py", "variant": "spam",
-             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "*": 500},
-             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "*": 150}},
+             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 500},
+             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "mini": 20, "*": 150}},
     # Muon: torch.optim.Muon's momentum 0.95 and 5 Newton-Schulz steps (Keller Jordan's), Moonlight's lr scaling so
     # that AdamW's lr serves (full's 1e-3: ours, no Muon run of the benchmark papers gives its lr)
     "muon": {"script": "train_muon.py", "lr": 1e-3, "momentum": 0.95, "ns_steps": 5,
@@ -396,7 +406,7 @@ def is_strided(t):
     return isinstance(t, torch.Tensor) and t.layout == torch.strided
 
 
-def estimate_bytes(size, method, precision="bf16", hparams=None):
+def estimate_bytes(size, method, precision="bf16", hparams=None, vocab_size=None):
     """Weights, gradients, optimizer states and index buffers, from the shapes alone (nothing is allocated).
 
     Element counts: full (and stable_spam, spam): weights N, gradients N, Adam moments 2N (Stable-SPAM's three
@@ -410,11 +420,11 @@ def estimate_bytes(size, method, precision="bf16", hparams=None):
     Everything else (embedding, head, norms) has full AdamW in every method. Bytes per element: 2 in pure bf16 (the
     papers' convention), 4 in mixed and fp32 (fp32 weights, gradients and states). AdamW's 4-byte step counters are
     not counted. hparams: the run's rank and SLTrain density, if they differ from the defaults (RANKS[size], delta
-    0.1).
+    0.1); vocab_size: the dataset's, if not GPT-2's.
     """
     r, delta = (hparams or {}).get("rank", RANKS[size]), (hparams or {}).get("delta", 0.1)
     with torch.device("meta"):
-        model = Llama(get_config(size))
+        model = Llama(get_config(size, vocab_size))
     shapes = [tuple(m.weight.shape) for _, m in compressible_matrices(model)]
     n_total = sum(p.numel() for p in model.parameters())
     n_other = n_total - sum(m * n for m, n in shapes)

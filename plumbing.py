@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import dataset_name, load_tokens, val_windows
+from data import dataset_name, load_tokens, val_windows, vocab_size
 from model import (RECIPES, SEQ_LEN, Llama, PeakTensorBytes, estimate_bytes, get_config, memory_report,
                    method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
@@ -53,7 +53,7 @@ def bounded(cast, low, high=math.inf, open_low=False, open_high=False):
 COUNT, OFF_OR_COUNT = bounded(int, 1), bounded(int, 0)  # 0 switches a period off
 POSITIVE = bounded(float, 0, open_low=True)
 SEED = bounded(int, 0, 2**31 - 1)  # the batch seeds are seed * 10^9 + ..., which must fit in 64 bits
-CPU_SIZES = ("nano", "tiny")  # the others are the papers' sizes, for GPUs
+CPU_SIZES = ("nano", "mini", "tiny")  # the others are the papers' sizes, for GPUs
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -75,7 +75,7 @@ def shared_parser(doc):
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not argparse's usage dump
     add = parser.add_argument
     # data
-    add("--dataset", type=dataset_name, default="shakespeare", help="prepared dataset under data/ (see data.py)")
+    add("--dataset", type=dataset_name, default=recipe.dataset, help="prepared dataset under data/ (see data.py)")
     add("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
     add("--val-tokens", type=COUNT, default=None,
         help=f"size of the fixed validation set (default: the recipe's {recipe.val_tokens:,} for {size}, or the "
@@ -200,8 +200,9 @@ def output_paths(args, run):
 
 
 def load_data(args, master, ddp):
-    """(tokens, val): the dataset's token arrays and the fixed validation windows. Rank 0 prepares the default
-    corpus if needed, the others wait for it (and stop with rank 0's error line if there is none)."""
+    """(tokens, val, vocabulary): the dataset's token arrays, the fixed validation windows and its tokenizer's
+    vocabulary size. Rank 0 prepares the default corpus if needed, the others wait for it (and stop with rank 0's
+    error line if there is none)."""
     if master:
         try:
             tokens = load_tokens(args.dataset, args.seq_len)
@@ -214,13 +215,14 @@ def load_data(args, master, ddp):
     if args.val_tokens and args.val_tokens > split:
         sys.exit(f"error: --val-tokens {args.val_tokens:,} is more than the validation split of {args.dataset} "
                  f"holds ({split:,} tokens)")
-    return tokens, val_windows(tokens["val"], args.seq_len, args.val_tokens or RECIPES[args.size].val_tokens)
+    val = val_windows(tokens["val"], args.seq_len, args.val_tokens or RECIPES[args.size].val_tokens)
+    return tokens, val, vocab_size(args.dataset)
 
 
-def new_model(args, device, param_dtype):
-    """The LLaMA of --size from the current seed; on the meta device (shapes only) for a dry run."""
+def new_model(cfg, args, device, param_dtype):
+    """The LLaMA of config cfg from the current seed; on the meta device (shapes only) for a dry run."""
     with torch.device("meta") if args.dry_run else contextlib.nullcontext():
-        model = Llama(get_config(args.size))
+        model = Llama(cfg)
     model.checkpointing = args.activation_checkpointing
     return model.to(device, param_dtype)
 
@@ -245,8 +247,9 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
     """The banner: what the run will do, before it does it."""
     counts, tokens_per_step = param_counts(model), args.global_batch * args.seq_len
     whole = not args.val_tokens and RECIPES[args.size].val_tokens > len(tokens["val"]) - 1  # the default, capped
-    estimate = estimate_bytes(args.size, method, precision, hparams)
-    print(f"{run} | size {args.size}: {counts['total']:,} parameters ({counts['embedding']:,} embedding + head), "
+    estimate = estimate_bytes(args.size, method, precision, hparams, model.cfg.vocab_size)
+    print(f"{run} | size {args.size}, vocabulary {model.cfg.vocab_size:,}: {counts['total']:,} parameters "
+          f"({counts['embedding']:,} embedding + head), "
           f"{n_flops / 1e6:,.1f} MFLOP per token | {ddp_world} x {device_type} | {precision}")
     print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {args.global_batch} x {args.seq_len} = "
           f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-batch x {accum} accumulated x {ddp_world} "
@@ -280,12 +283,13 @@ def lr_schedule(step, lr, warmup_steps, max_steps, min_lr_ratio):
 # resume and the output folder
 
 
-def run_config(args, method, precision, hparams, micro_batch, val):
+def run_config(args, method, precision, hparams, micro_batch, val, cfg):
     """What a resume must keep: the settings that make it the same run, its schedule (the warmup as given: by
     default a tenth of --max-steps, which a resume may extend), its batches (the micro-batch draws its own
     windows) and its validation set. A resume may change the rest: --eval-every, --log-every, --ckpt-every,
     --ckpt-minutes, the device, and --max-steps (up from the checkpoint's step)."""
-    return {"method": method, "size": args.size, "dataset": args.dataset, "seed": args.seed, "seq_len": args.seq_len,
+    return {"method": method, "size": args.size, "vocab_size": cfg.vocab_size, "dataset": args.dataset,
+            "seed": args.seed, "seq_len": args.seq_len,
             "global_batch": args.global_batch, "batch_size": micro_batch, "precision": precision,
             "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay,
             "grad_clip": args.grad_clip, "val_tokens": val[0].numel(), **hparams}
@@ -359,7 +363,7 @@ def time_estimate(bar, args, device_type, seconds, micro_batches):
         total = seconds * micro_batches
         bar.write(f"time estimate: {seconds:.1f} s for the first micro-batch, so about "
                   + (f"{total / 3600:,.1f} h" if total > 3600 else f"{total / 60:,.1f} min")
-                  + " on this CPU; use a GPU, or --size tiny")
+                  + " on this CPU; use a GPU, or --size mini")
 
 
 # -----------------------------------------------------------------------------
@@ -470,7 +474,8 @@ def write_result(out_dir, run, args, method, hparams, record, model, optimizer, 
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
     tokens = max_steps * args.global_batch * args.seq_len
-    result = {"method": method, "run": run, "size": args.size, "dataset": args.dataset, "seed": args.seed,
+    result = {"method": method, "run": run, "size": args.size, "vocab_size": model.cfg.vocab_size,
+              "dataset": args.dataset, "seed": args.seed,
               "steps": max_steps, "tokens": tokens, "val_loss": record["val_loss"],
               "val_ppl": record["val_ppl"], **memory, "params": param_counts(model), "tokens_per_s": tokens_per_s,
               "flops_per_token": n_flops, "mfu": mfu,

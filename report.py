@@ -98,7 +98,7 @@ def result_row(r, size):
                buffers_mib=r["buffers_bytes"] / 2**20, tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
                peak_tensor_mib=r["peak_tensor_bytes"] / 2**20 if "peak_tensor_bytes" in r else None,
                peak_gpu_mib=r["max_memory_allocated_bytes"] / 2**20 if "max_memory_allocated_bytes" in r else None)
-    est = estimate_bytes(size, r["method"], "bf16", r)
+    est = estimate_bytes(size, r["method"], "bf16", r, r.get("vocab_size"))
     row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20
     return row
 

@@ -91,16 +91,17 @@ max_steps, warmup_steps, eval_every = setup_steps(args)
 seq_len, tokens_per_step = args.seq_len, args.global_batch * args.seq_len
 run = run_name(args)
 out_dir, ckpt_path = output_paths(args, run)
-tokens, val = load_data(args, master, ddp)  # random training windows; the fixed validation set every method shares
+# random training windows, the fixed validation set every method shares, the tokenizer's vocabulary size
+tokens, val, vocab_size = load_data(args, master, ddp)
 
 # -----------------------------------------------------------------------------
 # model: the same initial weights for every method (same seed)
 
-cfg = get_config(args.size)
+cfg = get_config(args.size, vocab_size)
 torch.manual_seed(args.seed)
 if args.dry_run:  # the plan needs shapes, not weights
     device = "meta"
-model = new_model(args, device, param_dtype)
+model = new_model(cfg, args, device, param_dtype)
 
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
@@ -296,7 +297,7 @@ if master:
                micro_batch, accum, max_steps, warmup_steps, eval_every, out_dir)
 if args.dry_run:
     sys.exit(0)
-config = run_config(args, METHOD, precision, hparams, micro_batch, val)  # a resume must continue the same run
+config = run_config(args, METHOD, precision, hparams, micro_batch, val, cfg)  # a resume must continue the same run
 start_step, stats = resume(args, ckpt_path, device, config, raw_model, optimizer, max_steps)
 
 # -----------------------------------------------------------------------------

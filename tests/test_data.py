@@ -18,6 +18,22 @@ def test_tokenizer_is_gpt2():
     assert enc.decode(enc.encode(text)) == text
 
 
+def test_byte_tokenizer_round_trips_and_prepares_its_own_dataset(tmp_path, monkeypatch):
+    enc = data.ByteTokenizer()
+    text = "To be, or not to be\nünïcödé 👋"
+    assert enc.encode_ordinary("Hi!") == [72, 105, 33] and enc.n_vocab == 257 and enc.eot_token == 256
+    assert enc.decode(enc.encode_ordinary(text) + [enc.eot_token]) == text
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text * 100)
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    data.prepare(f"text:{corpus}", tokenizer="bytes")
+    tokens = data.load_tokens("text-corpus.txt-bytes")  # a folder of its own: the GPT-2 dataset is another one
+    assert data.vocab_size("text-corpus.txt-bytes") == 257
+    assert bytes(np.concatenate([tokens["train"], tokens["val"]])[:-1].tolist()).decode() == text * 100
+    assert data.prepare_command("shakespeare-bytes") == "python data.py shakespeare --tokenizer bytes"
+    assert data.prepare_command("text-corpus.txt-bytes").startswith("python data.py text:PATH --tokenizer bytes,")
+
+
 def test_write_tokens_round_trip(tmp_path):
     enc = data.get_tokenizer()
     docs = ["First document.", "Second one, a little longer.", "Third"]

@@ -155,7 +155,7 @@ BAD_INPUT = [
      "error: argument --restart-every: must be >= 0, got -1"),
     ("train_full.py", ["--device", "tpu"], "error: --device 'tpu' is not cpu, cuda or cuda:N"),
     ("train_full.py", ["--size", "huge"],
-     "error: unknown --size 'huge'; valid sizes: nano, tiny, 60m, 130m, 350m, 1b, 7b"),
+     "error: unknown --size 'huge'; valid sizes: nano, mini, tiny, 60m, 130m, 350m, 1b, 7b"),
     ("train_full.py", ["--max-steps", "5", "--budget", "0.5"], "error: give --max-steps or --budget, not both"),
     ("train_full.py", ["--dataset", "c4"], "error: dataset 'c4' is not prepared; run: python data.py c4"),
     ("train_full.py", ["--dataset", "shakespeare/../shakespeare"], "error: argument --dataset: 'shakespeare/../"

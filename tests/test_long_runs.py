@@ -130,18 +130,25 @@ CHANGES = [("--warmup-steps", "1", "warmup_steps", "None"), ("--min-lr-ratio", "
            ("--val-tokens", "2048", "val_tokens", "4096"), ("--batch-size", "4", "batch_size", "8")]
 
 
+# a model of another vocabulary: what a dataset re-prepared with another tokenizer under the same name would give
+CHANGES.append(("--dataset", "shakespeare", "vocab_size", "50304"))
+
+
 @pytest.mark.parametrize("flag,value,key,saved", CHANGES, ids=[c[0] for c in CHANGES])
 def test_a_resume_refuses_what_changes_the_run(shakespeare, straight, monkeypatch, flag, value, key, saved):
     """train_full.py's setup up to its resume, in this process (a process per refusal would cost seconds)."""
     import plumbing
+    from model import get_config
     _, _, out = straight("train_full.py")
     monkeypatch.setattr(sys, "argv", ["train_full.py", *NANO, *STEPS, "--out-dir", str(out), "--resume", flag, value])
     parser, size = plumbing.shared_parser(None)
     parser.add_argument("--lr", type=plumbing.POSITIVE)
     args = plumbing.parse_args(parser, "full", size)
     micro_batch, _ = plumbing.setup_batch(args, "cpu", "cpu", 1)
-    _, val = plumbing.load_data(args, True, False)
-    config = plumbing.run_config(args, "full", "fp32", {"lr": args.lr}, micro_batch, val)
+    _, val, vocab_size = plumbing.load_data(args, True, False)
+    if key == "vocab_size":
+        value, vocab_size = "320", 257
+    config = plumbing.run_config(args, "full", "fp32", {"lr": args.lr}, micro_batch, val, get_config(size, vocab_size))
     with pytest.raises(SystemExit) as refused:  # before it loads anything into the model and the optimizer
         plumbing.resume(args, os.path.join(out, "ckpt.pt"), "cpu", config, None, None, 4)
     assert refused.value.code == (f"error: --resume with {key} {value}, but {out}/ckpt.pt was trained with {key} "

@@ -31,9 +31,39 @@ def test_parameter_counts_of_every_size(size):
 
 def test_benchmark_sizes_match_the_papers_configs():
     # LLaMA configs of GaLore/Fira (d, ff, heads, layers)
-    assert [(c.n_embd, c.n_ff, c.n_head, c.n_layer) for k, c in SIZES.items() if k not in ("nano", "tiny")] == [
+    assert [(c.n_embd, c.n_ff, c.n_head, c.n_layer) for k, c in SIZES.items() if k not in ("nano", "mini", "tiny")] == [
         (512, 1376, 8, 8), (768, 2048, 12, 12), (1024, 2736, 16, 24), (2048, 5461, 32, 24), (4096, 11008, 32, 32)]
     assert 1e6 < param_counts(Llama(SIZES["tiny"]))["non_embedding"] < 1e7
+
+
+def compressible_share(size, vocab_size):
+    with torch.device("meta"):
+        m = Llama(model.get_config(size, vocab_size))
+    return sum(lin.weight.numel() for _, lin in compressible_matrices(m)) / param_counts(m)["total"]
+
+
+def test_mini_is_the_papers_regime_in_miniature():
+    """Its matrices hold at least the share they hold at 1b with T5's vocabulary (90%), on UTF-8 bytes; r = d/4,
+    head dim 64 and n_ff / d as the papers' 60m."""
+    mini, s60 = SIZES["mini"], SIZES["60m"]
+    assert model.get_config("mini", 257).vocab_size == 320  # padded to a multiple of 64, as GPT-2's 50257 -> 50304
+    assert compressible_share("mini", 257) >= compressible_share("1b", 32000) > 0.90
+    assert compressible_share("tiny", 50257) < 0.12  # where the benchmark stood before: the head and embedding
+    assert RANKS["mini"] * 4 == mini.n_embd and mini.n_embd // mini.n_head == s60.n_embd // s60.n_head == 64
+    assert mini.n_ff / mini.n_embd == s60.n_ff / s60.n_embd
+    assert model.RECIPES["mini"].dataset == "shakespeare-bytes"
+
+
+def test_the_vocabulary_follows_the_dataset():
+    assert [model.get_config("nano", v).vocab_size for v in (257, 32000, 50257, None)] == [320, 32000, 50304, 50304]
+    # the papers' 1b on T5's 32,000 tokens: weights + Adam moments 3 N, bf16, N by hand
+    d, ff, L, V = 2048, 5461, 24, 32000
+    n = 2 * V * d + L * (4 * d * d + 3 * d * ff + 2 * d) + d
+    full = estimate_bytes("1b", "full", "bf16", None, V)
+    assert full["weights_bytes"] + full["optimizer_state_bytes"] == 2 * 3 * n
+    assert abs(2 * 3 * n / 1e9 - 8.04) < 0.01  # the companion paper's Adam row at 1b: 8.04 GB
+    assert estimate_bytes("1b", "lowrank", "bf16", None, V)["weights_bytes"] < estimate_bytes("1b", "lowrank")[
+        "weights_bytes"]
 
 
 def test_forward_shapes_and_initial_loss():
@@ -63,7 +93,7 @@ def test_model_is_causal():
 def test_unknown_size_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
         model.get_config("huge")
-    assert str(e.value) == "error: unknown --size 'huge'; valid sizes: nano, tiny, 60m, 130m, 350m, 1b, 7b"
+    assert str(e.value) == "error: unknown --size 'huge'; valid sizes: nano, mini, tiny, 60m, 130m, 350m, 1b, 7b"
 
 
 def test_memory_estimate_of_60m_by_hand():
