@@ -54,4 +54,4 @@ def test_a_cpu_run_above_tiny_estimates_its_time(tmp_path):
     proc.kill()
     proc.wait()
     assert re.fullmatch(r"time estimate: [\d.]+ s for the first micro-batch, so about [\d,.]+ (h|min) on this CPU; "
-                        r"use a GPU, or --size tiny\n", lines[-1]), lines[-1]
+                        r"use a GPU, or --size mini\n", lines[-1]), lines[-1]
