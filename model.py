@@ -305,8 +305,8 @@ METHODS = {
                     "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
                     "gamma3": 0.999, "eta": 0.5},
     "spam": {"script": "train_stable_spam.py", "variant": "spam",
-             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4}, "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 500},
-             "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "mini": 20, "*": 150}},
+             "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4},
+             "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 500}, "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "mini": 20, "*": 150}},
     # Muon: torch.optim.Muon's momentum 0.95 and 5 Newton-Schulz steps (Keller Jordan's), Moonlight's lr scaling so
     # that AdamW's lr serves (full's 1e-3: ours, no Muon run of the benchmark papers gives its lr)
     "muon": {"script": "train_muon.py", "lr": 1e-3, "momentum": 0.95, "ns_steps": 5,
