@@ -2,6 +2,7 @@ import csv
 import fcntl
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -48,8 +49,9 @@ def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, s
     assert full[0] != full[1]
     table = open(out / "results.md").read()
     mean, sd = sum(full) / 2, abs(full[0] - full[1]) / 2 ** 0.5
-    assert f"| Full-rank AdamW | nano | full | 2 | 4,096 | {mean:.2f} ± {sd:.2f} (min {min(full):.2f}" in table
-    assert "| Fira | nano | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
+    assert f"| Full-rank AdamW | nano | 0.001 | full | 2 | 4,096 | {mean:.2f} ± {sd:.2f} (min {min(full):.2f}" in table
+    assert "| Fira | nano |  | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
+    assert os.path.exists(out / "loss_nano.png") and os.path.exists(out / "memory_nano.png")
     # a finished run's checkpoint (every run writes one at its end) is not kept: the result is
     assert os.path.exists(out / "runs" / "full_nano_s0" / "result.json")
     assert not glob.glob(str(out / "runs" / "full_nano_s*" / "ckpt.pt"))
@@ -174,3 +176,49 @@ def test_report_holds_the_runs_it_is_given_and_fails_in_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr == (
         f"error: {tmp_path}/runs/full_nano_s0/result.json is not a result of this repository's scripts "
         "(KeyError: 'precision')\n")
+
+
+def fabricate(runs, folder, ppl, method, lr, tokens_per_s=1000.0, states_mib=200):
+    """A run folder with a result.json as the scripts write it (nano, fp32, 100 MiB of weights and gradients)."""
+    (runs / folder).mkdir(parents=True)
+    result = {"method": method, "precision": "fp32", "tokens": 4096, "val_ppl": ppl, "val_loss": math.log(ppl),
+              "device": "cpu", "weights_bytes": 100 * 2**20, "grads_bytes": 100 * 2**20,
+              "optimizer_state_bytes": states_mib * 2**20, "buffers_bytes": 0, "tokens_per_s": tokens_per_s,
+              "mfu": None, "lr": lr, "rank": None if method == "full" else 8}
+    (runs / folder / "result.json").write_text(json.dumps(result))
+
+
+def test_report_compares_rows_beyond_the_seed_spread_and_tabulates_an_lr_sweep(tmp_path):
+    import report
+    runs = tmp_path / "runs"
+    for seed, ppl in enumerate([100.0, 102.0]):
+        fabricate(runs, f"full_nano_s{seed}", ppl, "full", 1e-3)
+    for seed, ppl in enumerate([90.0, 91.0]):  # 10.5 lower, beyond sd 1.41 + 0.71
+        fabricate(runs, f"galore_nano_s{seed}", ppl, "galore", 1e-2, tokens_per_s=500.0, states_mib=100)
+    for seed, ppl in enumerate([99.5, 101.5]):  # 0.5 lower, within the spread
+        fabricate(runs, f"fira_nano_s{seed}", ppl, "fira", 1e-2)
+    fabricate(runs, "lowrank_nano_s0", 130.0, "lowrank", 1.5e-3)
+    for lr, ppl in [("1e-3", 120.0), ("3e-3", 110.0)]:  # a swept row (its name has an underscore), one lr failed
+        fabricate(runs, f"lowrank_restarts_lr{lr}_nano_s0", ppl, "lowrank", float(lr))
+    (runs / "lowrank_restarts_lr1e-2_nano_s0").mkdir()
+    (runs / "lowrank_restarts_lr1e-2_nano_s0" / "failed.json").write_text(json.dumps({"reason": "diverged"}))
+    lines = report.summarize(report.load_runs(str(tmp_path)))
+    table = report.markdown([], lines, str(tmp_path))
+    # memory: weights + gradients + states counted, and over full-rank's; tokens/s over full-rank's
+    assert "| Full-rank AdamW | nano | 0.001 | full | 2 | 4,096 | 101.00 ± 1.41 (min 100.00, max 102.00) " \
+           "| 400.0 (fp32) | 1.00 |" in table
+    assert "| GaLore | nano | 0.01 | 8 | 2 | 4,096 | 90.50 ± 0.71 (min 90.00, max 91.00) | 300.0 (fp32) | 0.75 " \
+           "| 18.5 | - | - | 500 | 0.50 | - |" in table
+    assert "| nano | GaLore vs Full-rank AdamW | 90.50 ± 0.71 | 101.00 ± 1.41 | -10.50 | 2.12 | yes: GaLore lower |" \
+           in table
+    assert "| nano | Fira vs Full-rank AdamW | 100.50 ± 1.41 | 101.00 ± 1.41 | -0.50 | 2.83 | no |" in table
+    assert "| nano | Fira vs GaLore | 100.50 ± 1.41 | 90.50 ± 0.71 | +10.00 | 2.12 | yes: GaLore lower |" in table
+    # a swept row is compared at its best lr; one seed has no spread
+    assert "| nano | Low-rank + restarts (lr 3e-3) vs Low-rank | 110.00 | 130.00 | -20.00 | - " \
+           "| one seed: spread unknown |" in table
+    assert "| nano | GaLore vs Low-rank + restarts (lr 3e-3) | 90.50 ± 0.71 | 110.00 | -19.50 | - |" in table
+    assert table.count("\n| nano | ") == 4 + 4  # every row against full-rank, and the four pairs present
+    sweep = report.lr_sweep(lines, str(tmp_path))
+    assert "| method | lr 1e-3 | lr 3e-3 | lr 1e-2 | best lr |" in sweep
+    assert "| Low-rank + restarts | 120.00 | 110.00 | failed | 3e-3 |" in sweep
+    assert open(tmp_path / "lr_sweep.md").read() == sweep
