@@ -302,7 +302,8 @@ def plot(lines, out):
         for line in at_size:
             curves = []  # every seed logs the same steps: average the loss step by step
             for r in line["ok"]:
-                curves.append({x["tokens"]: x["loss"] for x in map(json.loads, open(os.path.join(r["dir"], "log.jsonl")))})
+                log = os.path.join(r["dir"], "log.jsonl")
+                curves.append({x["tokens"]: x["loss"] for x in map(json.loads, open(log))})
             tokens = sorted(set.intersection(*(set(c) for c in curves)))
             ax.plot(tokens, [statistics.mean(c[t] for c in curves) for t in tokens], lw=1.2,
                     label=f"{label(line)} ({len(curves)} seed{'s' * (len(curves) > 1)})")

@@ -30,12 +30,18 @@ def repo(tmp_path):
     return repo
 
 
-def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, shakespeare, repo):
+def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(tmp_path, shakespeare, repo):
     out = tmp_path / "out"
-    env = {"SIZES": "nano", "METHODS": "full fira", "SEEDS": "0 1", "OUT": str(out), "DATA_DIR": data.DATA_DIR}
+    env = {"SIZES": "nano", "METHODS": "full fira", "SEEDS": "0 1", "OUT": str(out), "DATA_DIR": data.DATA_DIR,
+           "DEVICES": "cpu cpu"}
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
     assert proc.returncode == 1 and "bench: 2 run(s) failed" in proc.stderr
     assert proc.stdout.count("[fail] fira nano seed") == 2 and "error: simulated out of memory" in proc.stdout
+    # the two full-rank runs ran side by side: each started (its lock) before the other ended (its result)
+    runs = out / "runs"
+    start, end = ({s: os.stat(runs / f"full_nano_s{s}" / f).st_mtime for s in (0, 1)} for f in (".lock", "result.json"))
+    assert start[0] < end[1] and start[1] < end[0]
+    assert proc.stdout.count("[done] full nano seed") == 2
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("full", "fira") for s in ("0", "1")]
@@ -53,8 +59,14 @@ def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, s
     assert "| Fira | nano |  | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
     assert os.path.exists(out / "loss_nano.png") and os.path.exists(out / "memory_nano.png")
     # a finished run's checkpoint (every run writes one at its end) is not kept: the result is
-    assert os.path.exists(out / "runs" / "full_nano_s0" / "result.json")
-    assert not glob.glob(str(out / "runs" / "full_nano_s*" / "ckpt.pt"))
+    assert not glob.glob(str(runs / "full_nano_s*" / "ckpt.pt"))
+
+    # in sequence, as an lr sweep of one lr (full-rank's own): the same runs, so the same perplexities
+    proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"],
+               env={**env, "METHODS": "full", "DEVICES": "cpu", "LRS": "1e-3"})
+    sweep = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["lr"], float(r["val_ppl"])) for r in sweep] == [("0.001", ppl) for ppl in full]
+    assert f"| Full-rank AdamW | {mean:.2f} ± {sd:.2f} | 1e-3 |" in open(out / "lr_sweep.md").read()
 
     # re-running skips the finished runs and retries the failed ones; other settings make a run stale
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
