@@ -6,7 +6,7 @@
 #   bash bench.sh --budget 0.05          # 5% of the papers' steps
 #   bash bench.sh --max-steps 20         # a fixed number of steps for every run
 #   bash bench.sh --smoke                # GPU smoke sweep: every method at 60m, 100 steps of 128 x 256 tokens
-#   bash bench.sh --dry-run              # print the runs, run nothing
+#   bash bench.sh --dry-run              # print the plan and the runs, run nothing
 #   SEEDS="0 1 2" bash bench.sh          # several seeds: results.md gives the mean and the spread
 #   SIZES="60m 130m" METHODS="full galore" bash bench.sh
 #   OUT=results/2026-11-25-cpu bash bench.sh   # resume a sweep: finished runs with the same settings are skipped,
@@ -27,7 +27,9 @@
 # sees its GPU alone through CUDA_VISIBLE_DEVICES). "cpu" may be listed several times: DEVICES="cpu cpu" runs
 # two runs side by side, each with half the cores (OMP_NUM_THREADS, unless it is set). With one device a run's
 # output shows here and goes to its train.log; with several, to its train.log alone, and a line here says
-# when each run starts and ends. A failed run does not stop the others.
+# when each run starts and ends. A failed run does not stop the others. Before the first run it prints the
+# plan (it asks nothing): per size the runs, tokens and FLOPs (from the shapes: model.bench_plan), and on a GPU of
+# model.PEAK_BF16_TFLOPS the GPU-hours at 40% MFU and the least wall time on the queue's GPUs.
 #
 # The lr sweep (LRS) runs each row at each lr into $OUT/runs/<row>_lr<lr>_<size>_s<seed> (default OUT
 # results/<date>-<device>-lr-sweep); report.py then writes $OUT/lr_sweep.md, each row's ppl at every lr and its
@@ -80,11 +82,13 @@ else
     DEFAULT_DEVICES=cpu
 fi
 EXTRA=()
+GLOBAL_BATCH=0  # the recipe's
 if [ "$SMOKE" = 1 ]; then  # every method once, quickly, on the embedded corpus: a check, not a benchmark
     DEFAULT_SIZES="60m"
     DEFAULT_DATASET=shakespeare
     STEPS=${STEPS:-100}
-    EXTRA=(--global-batch 128 --eval-every "$STEPS")  # one validation, at the end: the sweep's time is training
+    GLOBAL_BATCH=128
+    EXTRA=(--global-batch "$GLOBAL_BATCH" --eval-every "$STEPS")  # one validation, at the end: the sweep's time is training
     DEVICE="$DEVICE-smoke"
 fi
 SIZES=${SIZES:-$DEFAULT_SIZES}
@@ -133,8 +137,13 @@ if [ "$DATASET" != shakespeare ] && [ ! -f "data/$DATASET/meta.json" ]; then
 fi
 
 declare -A COMMAND  # every row of the sweep, checked before the first run: a typo in METHODS runs nothing
-commands=$(python model.py --bench-command "$METHODS" "$SIZES") || exit 2
+GPU_SLOTS=$((${#SLOTS[@]} - CPUS))
+commands=$(python model.py --bench-command "$METHODS" "$SIZES" --plan "$(( $(wc -w <<< "$SEEDS") * \
+    $(wc -w <<< "${LRS:--}") ))" "${STEPS:-0}" "${BUDGET:-1}" "$GLOBAL_BATCH" \
+    "$([ "$GPU_SLOTS" -gt 0 ] && echo "$GPU_NAME" || echo cpu)" "$GPU_SLOTS") || exit 2
+PLAN=()  # runs, tokens, FLOPs and time per size, printed before the first run
 while read -r size method command; do
+    if [ "$size" = plan ]; then PLAN+=("plan: $method $command"); continue; fi
     COMMAND[$method,$size]=$command
 done <<< "$commands"
 
@@ -205,6 +214,7 @@ launch() {  # run folder $1, named $2, as `python $3...` on place SLOT of the qu
 [ "$DRY" = 1 ] || mkdir -p "$OUT/runs"
 echo "bench: sizes [$SIZES] methods [$METHODS] seeds [$SEEDS]${LRS:+ lrs [$LRS]} on $DEVICE [$DEVICES]," \
     "dataset $DATASET -> $OUT"
+printf '%s\n' "${PLAN[@]}"
 failed=0
 sweep=()  # this sweep's run folders: the table holds them alone
 for size in $SIZES; do

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -77,8 +78,19 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
 
 
 def test_bench_runs_every_row_with_the_scripts_own_defaults(tmp_path):
-    proc = run(["bash", "bench.sh", "--dry-run"], env={"SIZES": "60m", "OUT": str(tmp_path)})
+    proc = run(["bash", "bench.sh", "--dry-run"], env={"SIZES": "60m", "OUT": str(tmp_path), "DEVICES": "cpu"})
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("python ")]
+    # the plan comes first; on a GPU its hours are the FLOPs at 40% of the peak (full-rank: 6 per weight but the
+    # embedding's, plus attention; low-rank fewer), and the wall time is at least the longest run's
+    rows = len(model.BENCH_ROWS)
+    assert f"plan: 60m: {rows} runs of 10,000 steps, 1,310,720,000 tokens each" in proc.stdout
+    assert "plan: total " in proc.stdout and "CPU: time not estimated" in proc.stdout
+    with model.torch.device("meta"):
+        full = model.flops_per_token(model.Llama(model.SIZES["60m"]), 256) * 10_000 * 512 * 256 / (0.4 * 989e12 * 3600)
+    plan = model.bench_plan(["full", "lowrank"], ["60m"], 2, 0, 1.0, 0, "NVIDIA H100 80GB HBM3", 4)
+    hours = float(plan[0].split(", ")[-1].split()[0])
+    assert 2 * full < hours < 4 * full
+    assert f"total {hours:.2f} GPU-hours, at least {full:.2f} h on 4 GPU(s)" in plan[1]
     assert [c[-1].split("/")[-1] for c in commands] == [f"{row}_60m_s0" for row in model.BENCH_ROWS]
     # the plans of each script's first row, two at a time (each is mostly the import of torch); the other rows
     # differ from them only in flags, which are checked for every row
@@ -149,22 +161,25 @@ def test_bench_resumes_an_unfinished_run_of_the_same_settings(tmp_path, fake_rep
     assert len(argvs) == 1 and "--resume" not in argvs[0]
 
 
-def test_bench_forwards_sigterm_and_leaves_a_live_run_alone(tmp_path, fake_repo):
+def test_bench_forwards_sigterm_to_every_run_and_leaves_a_live_run_alone(tmp_path, fake_repo):
     out = tmp_path / "out"
     cmd = ["bash", str(fake_repo / "bench.sh"), "--max-steps", "2"]
-    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out)}
+    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0 1", "OUT": str(out), "DEVICES": "cpu cpu"}
     sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in sweep.stdout:
-        if line.startswith("training"):
-            break
+    logs = [out / "runs" / f"full_nano_s{seed}" / "train.log" for seed in (0, 1)]
+    deadline = time.time() + 60
+    while not all(log.exists() and "training" in log.read_text() for log in logs) and time.time() < deadline:
+        time.sleep(0.2)  # both runs side by side, each logging to its folder
     sweep.send_signal(signal.SIGTERM)
     assert sweep.wait(30) == 128 + signal.SIGTERM and "bench: stopped by SIGTERM" in sweep.stderr.read()
-    assert (out / "runs" / "full_nano_s0" / "got_sigterm").exists()  # the training run got it, and stopped
+    for seed in (0, 1):  # each training run got it, and stopped
+        assert (out / "runs" / f"full_nano_s{seed}" / "got_sigterm").exists()
     # a folder whose lock a live run holds is never deleted, nor run again
     (out / "runs" / "full_nano_s0" / "result.json").write_text("{}")  # stale: no argv
     with open(out / "runs" / "full_nano_s0" / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        proc = subprocess.run(cmd, env={**env, "FAKE": "preempted"}, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, env={**env, "FAKE": "preempted", "SEEDS": "0", "DEVICES": "cpu"},
+                              capture_output=True, text=True, timeout=120)
     assert "[busy] full nano seed 0: a run is using" in proc.stdout
     assert (out / "runs" / "full_nano_s0" / "got_sigterm").exists()
 
