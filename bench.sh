@@ -88,7 +88,8 @@ if [ "$SMOKE" = 1 ]; then  # every method once, quickly, on the embedded corpus:
     DEFAULT_DATASET=shakespeare
     STEPS=${STEPS:-100}
     GLOBAL_BATCH=128
-    EXTRA=(--global-batch "$GLOBAL_BATCH" --eval-every "$STEPS")  # one validation, at the end: the sweep's time is training
+    # one validation, at the end: the sweep's time is training
+    EXTRA=(--global-batch "$GLOBAL_BATCH" --eval-every "$STEPS")
     DEVICE="$DEVICE-smoke"
 fi
 SIZES=${SIZES:-$DEFAULT_SIZES}
@@ -137,10 +138,11 @@ if [ "$DATASET" != shakespeare ] && [ ! -f "data/$DATASET/meta.json" ]; then
 fi
 
 declare -A COMMAND  # every row of the sweep, checked before the first run: a typo in METHODS runs nothing
-GPU_SLOTS=$((${#SLOTS[@]} - CPUS))
-commands=$(python model.py --bench-command "$METHODS" "$SIZES" --plan "$(( $(wc -w <<< "$SEEDS") * \
-    $(wc -w <<< "${LRS:--}") ))" "${STEPS:-0}" "${BUDGET:-1}" "$GLOBAL_BATCH" \
-    "$([ "$GPU_SLOTS" -gt 0 ] && echo "$GPU_NAME" || echo cpu)" "$GPU_SLOTS") || exit 2
+RUNS=$(( $(wc -w <<< "$SEEDS") * $(wc -w <<< "${LRS:--}") ))  # per row and size
+GPU_SLOTS=$((${#SLOTS[@]} - CPUS)) PLAN_GPU=cpu
+[ "$GPU_SLOTS" -gt 0 ] && PLAN_GPU=$GPU_NAME
+commands=$(python model.py --bench-command "$METHODS" "$SIZES" \
+    --plan "$RUNS" "${STEPS:-0}" "${BUDGET:-1}" "$GLOBAL_BATCH" "$PLAN_GPU" "$GPU_SLOTS") || exit 2
 PLAN=()  # runs, tokens, FLOPs and time per size, printed before the first run
 while read -r size method command; do
     if [ "$size" = plan ]; then PLAN+=("plan: $method $command"); continue; fi
