@@ -264,10 +264,10 @@ def lr_sweep(lines, out):
         lrs = sorted({line["sweep_lr"] for line in swept if line["size"] == size}, key=lr_value)
         text += [f"## {size}", "", "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " | best lr |",
                  "|---" * (len(lrs) + 2) + "|"]
-        for method, best in best_lines(swept).items():
-            if method[0] != size:
+        for key, best in best_lines(swept).items():
+            if key[0] != size:
                 continue
-            at = {line["sweep_lr"]: line for line in swept if (line["size"], line["method"]) == method}
+            at = {line["sweep_lr"]: line for line in swept if (line["size"], line["method"]) == key}
             cells = [(ppl_cell(at[lr]) if at[lr]["ok"] else "failed") if lr in at else "-" for lr in lrs]
             chosen = "none finished"
             if best["ok"]:
