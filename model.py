@@ -486,6 +486,43 @@ def flops_per_token(model, seq_len):
     return weights + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
 
+PLAN_MFU = 0.4  # the throughput a plan assumes on a GPU: 40% of its dense bf16 peak
+
+
+def bench_plan(rows, sizes, runs, max_steps, budget, global_batch, gpu_name, gpus):
+    """The lines of a sweep's plan: per size its runs (rows x runs each), tokens and FLOPs, and on a GPU of the
+    peak table the GPU-hours at PLAN_MFU and the least wall time on `gpus` GPUs; FLOPs from the shapes alone (6 per
+    trained weight, 4 per frozen one, as flops_per_token), so no weights are built."""
+    peak = peak_bf16_flops(gpu_name)
+    lines, total, longest = [], 0.0, 0.0
+    for size in sizes:
+        cfg, recipe = get_config(size), RECIPES[size]
+        steps = max_steps or max(1, round(recipe.steps * budget))
+        tokens = steps * (global_batch or recipe.batch) * SEQ_LEN
+        flops = 0.0
+        for row in rows:
+            method, overrides = BENCH_ROWS[row]
+            est = estimate_bytes(size, method, "bf16", {**method_defaults(method, size), **overrides})
+            weights, trained = est["weights_bytes"] / 2, est["grads_bytes"] / 2
+            per_token = (6 * trained + 4 * (weights - trained) - 6 * cfg.vocab_size * cfg.n_embd
+                         + 12 * cfg.n_layer * cfg.n_embd * SEQ_LEN)
+            flops += per_token * tokens * runs
+            longest = max(longest, per_token * tokens)
+        total += flops
+        n = len(rows) * runs
+        line = f"{size}: {n} run{'s' * (n != 1)} of {steps:,} steps, {tokens:,} tokens each, {flops:.2e} FLOPs"
+        lines.append(line + (f", {flops / (PLAN_MFU * peak) / 3600:,.2f} GPU-hours" if peak else ""))
+    if peak:
+        wall = max(total / gpus, longest) / (PLAN_MFU * peak) / 3600  # the longest run, if it is the bound
+        lines.append(f"total {total / (PLAN_MFU * peak) / 3600:,.2f} GPU-hours, at least {wall:,.2f} h on {gpus} "
+                     f"GPU(s) (assumed: {PLAN_MFU:.0%} MFU of the {gpu_name}'s {peak / 1e12:,.0f} TFLOP/s dense bf16 "
+                     f"peak)")
+    else:
+        lines.append(f"total {total:.2e} FLOPs; " + (f"{gpu_name}: not in model.PEAK_BF16_TFLOPS, time not estimated"
+                                                    if gpus else "CPU: time not estimated"))
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description="Sizes of the LLaMA models, their recipes and the memory they need.")
     parser.add_argument("--size", default=None, help="one size only (default: all)")
@@ -494,6 +531,9 @@ def main():
     parser.add_argument("--bench-command", nargs=2, metavar=("ROWS", "SIZES"),
                         help="print, one line per size and row (each list separated by spaces), the size, the row, "
                              "and the script and flags bench.sh runs for it")
+    parser.add_argument("--plan", nargs=6, metavar=("RUNS", "MAX_STEPS", "BUDGET", "GLOBAL_BATCH", "GPU", "GPUS"),
+                        help="with --bench-command: then print the sweep's plan, each line after 'plan ' (RUNS per "
+                             "row and size; MAX_STEPS and GLOBAL_BATCH 0 for the recipe's; GPU the device name)")
     args = parser.parse_args()
     if args.bench_command:  # every row and size at once: the sweep is checked before its first run, in one process
         rows, sizes = (names.split() for names in args.bench_command)
@@ -505,6 +545,11 @@ def main():
         for size in sizes:
             for row in rows:
                 print(size, row, bench_command(row, size))
+        if args.plan:
+            runs, max_steps, budget, global_batch, gpu, gpus = args.plan
+            for line in bench_plan(rows, sizes, int(runs), int(max_steps), float(budget), int(global_batch), gpu,
+                                   int(gpus)):
+                print("plan", line)
         return
     sizes = [args.size] if args.size else list(SIZES)
     for size in sizes:

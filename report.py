@@ -1,12 +1,14 @@
 """
-Tabulate a bench.sh sweep: results.md (mean and spread over seeds), results.csv (one line per run) and the
-mean loss curves per size (loss_<size>.png, if matplotlib is installed).
+Tabulate a bench.sh sweep: results.md (mean and spread over seeds, memory and speed against full-rank, the
+differences beyond the seed spread), results.csv (one line per run), lr_sweep.md when the sweep swept lrs, and per
+size the mean loss curves (loss_<size>.png) and the memory counted (memory_<size>.png) if matplotlib is installed.
 
     python report.py results/2026-11-25-cpu                    # every run in its runs/
     python report.py results/2026-11-25-cpu RUN_DIR ...        # these runs alone (bench.sh: its sweep's)
 """
 import csv
 import glob
+import math
 import json
 import os
 import re
@@ -59,10 +61,14 @@ PAPER = {
                                            "1b": (14.18, 5.36)})],
 }
 
-COLUMNS = ["method", "size", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",
-           "weights_states_mib", "buffers_mib", "bf16_estimate_mib", "peak_tensor_mib",
+# the papers' pairs (a, b), whose ordering their claims are about (b − a in the table of differences)
+PAIRS = [("lowrank", "lowrank_restarts"), ("sltrain", "sltrain_restarts"), ("lora", "relora"), ("galore", "fira"),
+         ("lowrank_restarts", "galore"), ("lowrank_restarts", "fira")]
+
+COLUMNS = ["method", "size", "lr", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",
+           "weights_mib", "grads_mib", "states_mib", "buffers_mib", "bf16_estimate_mib", "peak_tensor_mib",
            "peak_gpu_mib", "tokens_per_s", "mfu", "device"]
-RUN = re.compile(r"(.+)_([^_]+)_s(\d+)$")  # <row>_<size>_s<seed>
+RUN = re.compile(r"(.+?)(?:_lr([^_]+))?_([^_]+)_s(\d+)$")  # <row>_<size>_s<seed>, in an lr sweep <row>_lr<lr>_...
 
 
 def load_runs(out, runs=None):
@@ -72,8 +78,8 @@ def load_runs(out, runs=None):
         match = RUN.match(os.path.basename(os.path.normpath(run)))
         if not match or not os.path.isdir(run):
             continue  # not a run folder (a leftover *.tmp, say)
-        method, size, seed = match.groups()
-        row = {"method": method, "size": size, "seed": int(seed)}
+        method, sweep_lr, size, seed = match.groups()
+        row = {"method": method, "sweep_lr": sweep_lr, "lr": sweep_lr, "size": size, "seed": int(seed), "dir": run}
         result, failed = os.path.join(run, "result.json"), os.path.join(run, "failed.json")
         if os.path.exists(result):
             try:
@@ -86,32 +92,43 @@ def load_runs(out, runs=None):
             row["status"] = "incomplete"
         rows.append(row)
     order = {m: i for i, m in enumerate(BENCH_ROWS)}
-    rows.sort(key=lambda r: (r["size"], order.get(r["method"], len(order)), r["seed"]))
+    rows.sort(key=lambda r: (r["size"], order.get(r["method"], len(order)), lr_value(r["sweep_lr"]), r["seed"]))
     return rows
+
+
+def lr_value(lr):
+    """A folder's lr as a number for sorting (0 outside an lr sweep); a name that is no number sorts last."""
+    try:
+        return float(lr or 0)
+    except ValueError:
+        return math.inf
 
 
 def result_row(r, size):
     """The table's columns of one result.json."""
-    row = dict(status="ok", rank=r.get("rank"), precision=r["precision"], tokens=r["tokens"],
+    mib = 2**20
+    row = dict(status="ok", rank=r.get("rank"), lr=r.get("lr"), precision=r["precision"], tokens=r["tokens"],
                val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
-               weights_states_mib=(r["weights_bytes"] + r["optimizer_state_bytes"]) / 2**20,
-               buffers_mib=r["buffers_bytes"] / 2**20, tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
-               peak_tensor_mib=r["peak_tensor_bytes"] / 2**20 if "peak_tensor_bytes" in r else None,
-               peak_gpu_mib=r["max_memory_allocated_bytes"] / 2**20 if "max_memory_allocated_bytes" in r else None)
+               weights_mib=r["weights_bytes"] / mib, grads_mib=r["grads_bytes"] / mib,
+               states_mib=r["optimizer_state_bytes"] / mib, buffers_mib=r["buffers_bytes"] / mib,
+               tokens_per_s=r["tokens_per_s"], mfu=r["mfu"],
+               peak_tensor_mib=r["peak_tensor_bytes"] / mib if "peak_tensor_bytes" in r else None,
+               peak_gpu_mib=r["max_memory_allocated_bytes"] / mib if "max_memory_allocated_bytes" in r else None)
+    row["memory_mib"] = row["weights_mib"] + row["grads_mib"] + row["states_mib"] + row["buffers_mib"]
     est = estimate_bytes(size, r["method"], "bf16", r, r.get("vocab_size"))
-    row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / 2**20
+    row["bf16_estimate_mib"] = (est["weights_bytes"] + est["optimizer_state_bytes"]) / mib
     return row
 
 
 def summarize(rows):
-    """One line per (method, size): the mean over the seeds that finished, and their spread."""
+    """One line per (method, size, swept lr): the mean over the seeds that finished, and their spread."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["size"], r["method"]), []).append(r)
+        groups.setdefault((r["size"], r["method"], r["sweep_lr"]), []).append(r)
     lines = []
-    for (size, method), runs in groups.items():
+    for (size, method, sweep_lr), runs in groups.items():
         ok = [r for r in runs if r["status"] == "ok"]
-        line = {"method": method, "size": size, "runs": runs, "ok": ok}
+        line = {"method": method, "size": size, "sweep_lr": sweep_lr, "runs": runs, "ok": ok}
         if ok:
             ppl = [r["val_ppl"] for r in ok]
             line.update(ppl=statistics.mean(ppl), ppl_sd=statistics.stdev(ppl) if len(ppl) > 1 else None,
@@ -120,43 +137,95 @@ def summarize(rows):
                 values = [r[key] for r in ok if r[key] is not None]
                 line[key] = statistics.mean(values) if values else None
         lines.append(line)
-    for line in lines:  # throughput relative to full-rank AdamW at the same size
-        full = next((f for f in lines if f["method"] == "full" and f["size"] == line["size"] and f.get("tps")), None)
-        if full and line.get("tps"):
-            line["rel_speed"] = line["tps"] / full["tps"]
+    best = best_lines(lines)
+    for line in lines:  # memory and throughput relative to full-rank AdamW (at its best lr) at the same size
+        full = best.get((line["size"], "full"))
+        if full and full["ok"] and line["ok"]:
+            line["rel_memory"] = line["ok"][0]["memory_mib"] / full["ok"][0]["memory_mib"]
+            if full["tps"] and line["tps"]:
+                line["rel_speed"] = line["tps"] / full["tps"]
     return lines
 
 
-def markdown(rows, lines, out):
-    table = ["| method | size | rank | seeds | tokens | val ppl | weights + states (MiB, as trained) "
-             "| bf16 estimate (MiB) | peak tensors (MiB) | peak GPU (MiB) | tokens/s | vs full | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def best_lines(lines):
+    """{(size, method): its line of the lowest mean ppl}: in an lr sweep the row at its best lr, else its line."""
+    best = {}
     for line in lines:
-        label, failed = LABELS.get(line["method"], line["method"]), [r for r in line["runs"] if r["status"] != "ok"]
+        key, kept = (line["size"], line["method"]), best.get((line["size"], line["method"]))
+        if kept is None or (line["ok"] and (not kept["ok"] or line["ppl"] < kept["ppl"])):
+            best[key] = line
+    return best
+
+
+def ppl_cell(line):
+    text = f"{line['ppl']:.2f}"
+    if line["ppl_sd"] is not None:
+        text += f" ± {line['ppl_sd']:.2f}"
+    return text
+
+
+def label(line):
+    name = LABELS.get(line["method"], line["method"])
+    return f"{name} (lr {line['sweep_lr']})" if line["sweep_lr"] else name
+
+
+def comparison(a, b):
+    """A table row: b's mean ppl minus a's, and whether it exceeds the seed spread, sd(a) + sd(b)."""
+    diff = b["ppl"] - a["ppl"]
+    if a["ppl_sd"] is None or b["ppl_sd"] is None:
+        spread, verdict = "-", "one seed: spread unknown"
+    else:
+        spread = f"{a['ppl_sd'] + b['ppl_sd']:.2f}"
+        lower = label(b if diff < 0 else a)
+        verdict = f"yes: {lower} lower" if abs(diff) > a["ppl_sd"] + b["ppl_sd"] else "no"
+    return (f"| {a['size']} | {label(b)} vs {label(a)} | {ppl_cell(b)} | {ppl_cell(a)} | {diff:+.2f} | {spread} "
+            f"| {verdict} |")
+
+
+def markdown(rows, lines, out):
+    table = ["| method | size | lr | rank | seeds | tokens | val ppl | weights + grads + states (MiB, as trained) "
+             "| memory vs full | bf16 estimate (MiB) | peak tensors (MiB) | peak GPU (MiB) | tokens/s "
+             "| tokens/s vs full | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for line in lines:
+        failed = [r for r in line["runs"] if r["status"] != "ok"]
         note = "; ".join(f"seed {r['seed']} {r['status']}" for r in failed)
         if not line["ok"]:
-            table.append(f"| {label} | {line['size']} | | | | {note} | | | | | | | |")
+            table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {line['sweep_lr'] or ''} "
+                         f"| | | | {note} | | | | | | | | |")
             continue
         first = line["ok"][0]
-        ppl = f"{line['ppl']:.2f}"
+        ppl = ppl_cell(line)
         if line["ppl_sd"] is not None:
-            ppl += f" ± {line['ppl_sd']:.2f} (min {line['ppl_min']:.2f}, max {line['ppl_max']:.2f})"
+            ppl += f" (min {line['ppl_min']:.2f}, max {line['ppl_max']:.2f})"
         if note:
             ppl += f"; {note}"
-        memory = f"{first['weights_states_mib']:.1f} ({first['precision']})"
+        memory = f"{first['memory_mib']:.1f} ({first['precision']})"
         if first["buffers_mib"]:
-            memory += f" + {first['buffers_mib']:.1f} indices"
+            memory += f" incl. {first['buffers_mib']:.1f} indices"
+        memory_ratio, speed_ratio = (f"{line[k]:.2f}" if k in line else "-" for k in ("rel_memory", "rel_speed"))
         peak = " | ".join(f"{line[k]:,.0f}" if line[k] else "-" for k in ("peak_tensor_mib", "peak_gpu_mib"))
-        speed = f"{line['rel_speed']:.2f}" if "rel_speed" in line else "-"
         mfu = f"{100 * line['mfu']:.1f}%" if line["mfu"] else "-"
-        table.append(f"| {label} | {line['size']} | {first['rank'] or 'full'} | {len(line['ok'])} "
-                     f"| {first['tokens']:,} | {ppl} | {memory} | {first['bf16_estimate_mib']:.1f} | {peak} "
-                     f"| {line['tps']:,.0f} | {speed} | {mfu} |")
+        table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {first['lr'] or '-'} "
+                     f"| {first['rank'] or 'full'} | {len(line['ok'])} | {first['tokens']:,} | {ppl} | {memory} "
+                     f"| {memory_ratio} | {first['bf16_estimate_mib']:.1f} | {peak} | {line['tps']:,.0f} "
+                     f"| {speed_ratio} | {mfu} |")
+    best = {key: line for key, line in best_lines(lines).items() if line["ok"]}
+    compared = [(size, a, b) for size in sorted({s for s, _ in best})
+                for a, b in [("full", m) for s, m in best if s == size and m != "full"] + PAIRS
+                if (size, a) in best and (size, b) in best]
+    differences = ["", "Differences in val ppl (each row at its best lr where lrs were swept): every row against "
+                   "full-rank AdamW, then the papers' pairs:", "",
+                   "| size | comparison (b vs a) | ppl b | ppl a | b − a | seed spread | beyond the spread? |",
+                   "|---|---|---|---|---|---|---|"]
+    differences += [comparison(best[size, a], best[size, b]) for size, a, b in compared]
+    if not compared:
+        differences = []
     paper = ["", "Reported by the papers (C4, full budgets; ppl and memory GB) next to this sweep's mean ppl:", "",
              "| method | size | paper ppl | paper memory (GB) | source | our ppl | our tokens |",
              "|---|---|---|---|---|---|---|"]
     matched = False
-    for line in lines:
+    for line in best_lines(lines).values():
         for source, numbers in PAPER.get(line["method"], []):
             if line["size"] in numbers:
                 matched = True
@@ -167,45 +236,98 @@ def markdown(rows, lines, out):
         paper = ["", "No size of this sweep is a paper size (60m, 130m, 350m, 1b), so there is nothing to put "
                  "next to the papers' numbers."]
     notes = ["", "val ppl: mean over the seeds that finished, ± their sample standard deviation when there are "
-             "several. weights + states: bytes counted from the live tensors in the run's precision (+ SLTrain's "
-             "int32 support indices). bf16 estimate: weights + optimizer states at 2 bytes each, as GaLore's "
+             "several. weights + grads + states: bytes counted from the live tensors in the run's precision "
+             "(+ SLTrain's int32 support indices); memory vs full: that sum over full-rank AdamW's at the same size. "
+             "bf16 estimate: weights + optimizer states at 2 bytes each, as GaLore's "
              "Table 2 counts them (python model.py --memory). peak tensors: the most bytes of live tensors in the "
              "first training step, measured on any device (model.PeakTensorBytes: weights, gradients, states, "
              "activations, the loss; not kernels' workspaces nor the allocator's cache). peak GPU: "
              "torch.cuda.max_memory_allocated after one warm-up step. tokens/s: training tokens per second of "
              "optimizer steps after the first, evaluation excluded. MFU: model FLOPs (6 per trained weight, 4 per "
-             "frozen one, plus attention) per second over the GPU's dense bf16 peak. vs full: tokens/s relative to "
-             "full-rank AdamW at the same size."]
-    text = "\n".join(table + paper + notes) + "\n"
+             "frozen one, plus attention) per second over the GPU's dense bf16 peak. tokens/s vs full: relative to "
+             "full-rank AdamW at the same size. Differences: b − a is b's mean ppl minus a's (negative: b lower); "
+             "the seed spread is sd(a) + sd(b), the sum of their sample standard deviations, and a difference is "
+             "beyond the spread when |b − a| > sd(a) + sd(b); with one seed of either row the spread is unknown."]
+    text = "\n".join(table + differences + paper + notes) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# Benchmark: {os.path.basename(os.path.normpath(out))}\n\n" + text)
     return text
 
 
+def lr_sweep(lines, out):
+    """lr_sweep.md, when the runs swept lrs: per size, each row's mean ppl at every lr, and its best lr."""
+    swept = [line for line in lines if line["sweep_lr"]]
+    if not swept:
+        return ""
+    text = [f"# Learning-rate sweep: {os.path.basename(os.path.normpath(out))}", ""]
+    for size in sorted({line["size"] for line in swept}):
+        lrs = sorted({line["sweep_lr"] for line in swept if line["size"] == size}, key=lr_value)
+        text += [f"## {size}", "", "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " | best lr |",
+                 "|---" * (len(lrs) + 2) + "|"]
+        for key, best in best_lines(swept).items():
+            if key[0] != size:
+                continue
+            at = {line["sweep_lr"]: line for line in swept if (line["size"], line["method"]) == key}
+            cells = [(ppl_cell(at[lr]) if at[lr]["ok"] else "failed") if lr in at else "-" for lr in lrs]
+            chosen = "none finished"
+            if best["ok"]:
+                chosen = best["sweep_lr"]
+                if len(at) > 2 and best["sweep_lr"] in (min(at, key=lr_value), max(at, key=lr_value)):
+                    chosen += " (an end of the range: widen the sweep)"
+            text.append(f"| {LABELS.get(best['method'], best['method'])} | " + " | ".join(cells) + f" | {chosen} |")
+        text.append("")
+    text.append("val ppl: mean over the seeds that finished (± their sample standard deviation when there are "
+                "several); best lr: the lowest mean. results.md holds every (row, lr) and compares each row at "
+                "its best lr.")
+    text = "\n".join(text) + "\n"
+    with open(os.path.join(out, "lr_sweep.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def plot(lines, out):
+    """loss_<size>.png, the mean training loss of each row, and memory_<size>.png, its weights, gradients and
+    states stacked (each row at its best lr where lrs were swept)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed, so no loss plot: pip install matplotlib, then python report.py {out}")
+        print(f"matplotlib is not installed, so no plots: pip install matplotlib, then python report.py {out}")
         return
-    for size in sorted({line["size"] for line in lines}):
+    best = [line for line in best_lines(lines).values() if line["ok"]]
+    for size in sorted({line["size"] for line in best}):
+        at_size = [line for line in best if line["size"] == size]
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for line in lines:
-            if line["size"] != size or not line["ok"]:
-                continue
+        for line in at_size:
             curves = []  # every seed logs the same steps: average the loss step by step
             for r in line["ok"]:
-                log = os.path.join(out, "runs", f"{line['method']}_{size}_s{r['seed']}", "log.jsonl")
+                log = os.path.join(r["dir"], "log.jsonl")
                 curves.append({x["tokens"]: x["loss"] for x in map(json.loads, open(log))})
             tokens = sorted(set.intersection(*(set(c) for c in curves)))
             ax.plot(tokens, [statistics.mean(c[t] for c in curves) for t in tokens], lw=1.2,
-                    label=f"{LABELS.get(line['method'], line['method'])} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+                    label=f"{label(line)} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         ax.set(xlabel="training tokens", ylabel="training loss (mean over seeds)", title=f"LLaMA {size}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"loss_{size}.png"), dpi=120)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(at_size)))
+        names = [label(line) for line in at_size]
+        left = [0.0] * len(at_size)
+        for key, part in (("weights_mib", "weights"), ("grads_mib", "gradients"), ("states_mib", "optimizer states"),
+                          ("buffers_mib", "indices")):
+            widths = [line["ok"][0][key] for line in at_size]
+            if any(widths):
+                ax.barh(names, widths, left=left, label=part)
+                left = [x + w for x, w in zip(left, widths)]
+        precision = at_size[0]["ok"][0]["precision"]
+        ax.set_xlabel(f"MiB counted from the live tensors ({precision})")
+        ax.set_title(f"LLaMA {size}: memory", pad=24)
+        ax.invert_yaxis()  # the table's order, top to bottom
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
+        fig.savefig(os.path.join(out, f"memory_{size}.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
 
 
@@ -220,8 +342,11 @@ def main():
         writer.writerows(rows)
     lines = summarize(rows)
     print(markdown(rows, lines, out))
+    sweep = lr_sweep(lines, out)
+    if sweep:
+        print(sweep)
     plot(lines, out)
-    print(f"-> {out}/results.md, {out}/results.csv")
+    print(f"-> {out}/results.md, {out}/results.csv" + (f", {out}/lr_sweep.md" if sweep else ""))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@ import csv
 import fcntl
 import glob
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,12 +31,18 @@ def repo(tmp_path):
     return repo
 
 
-def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, shakespeare, repo):
+def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(tmp_path, shakespeare, repo):
     out = tmp_path / "out"
-    env = {"SIZES": "nano", "METHODS": "full fira", "SEEDS": "0 1", "OUT": str(out), "DATA_DIR": data.DATA_DIR}
+    env = {"SIZES": "nano", "METHODS": "full fira", "SEEDS": "0 1", "OUT": str(out), "DATA_DIR": data.DATA_DIR,
+           "DEVICES": "cpu cpu"}
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
     assert proc.returncode == 1 and "bench: 2 run(s) failed" in proc.stderr
     assert proc.stdout.count("[fail] fira nano seed") == 2 and "error: simulated out of memory" in proc.stdout
+    # the two full-rank runs ran side by side: each started (its lock) before the other ended (its result)
+    runs = out / "runs"
+    start, end = ({s: os.stat(runs / f"full_nano_s{s}" / f).st_mtime for s in (0, 1)} for f in (".lock", "result.json"))
+    assert start[0] < end[1] and start[1] < end[0]
+    assert proc.stdout.count("[done] full nano seed") == 2
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("full", "fira") for s in ("0", "1")]
@@ -48,11 +56,18 @@ def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, s
     assert full[0] != full[1]
     table = open(out / "results.md").read()
     mean, sd = sum(full) / 2, abs(full[0] - full[1]) / 2 ** 0.5
-    assert f"| Full-rank AdamW | nano | full | 2 | 4,096 | {mean:.2f} ± {sd:.2f} (min {min(full):.2f}" in table
-    assert "| Fira | nano | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
+    assert f"| Full-rank AdamW | nano | 0.001 | full | 2 | 4,096 | {mean:.2f} ± {sd:.2f} (min {min(full):.2f}" in table
+    assert "| Fira | nano |  | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
+    assert os.path.exists(out / "loss_nano.png") and os.path.exists(out / "memory_nano.png")
     # a finished run's checkpoint (every run writes one at its end) is not kept: the result is
-    assert os.path.exists(out / "runs" / "full_nano_s0" / "result.json")
-    assert not glob.glob(str(out / "runs" / "full_nano_s*" / "ckpt.pt"))
+    assert not glob.glob(str(runs / "full_nano_s*" / "ckpt.pt"))
+
+    # in sequence, as an lr sweep of one lr (full-rank's own): the same runs, so the same perplexities
+    proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"],
+               env={**env, "METHODS": "full", "DEVICES": "cpu", "LRS": "1e-3"})
+    sweep = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["lr"], float(r["val_ppl"])) for r in sweep] == [("0.001", ppl) for ppl in full]
+    assert f"| Full-rank AdamW | {mean:.2f} ± {sd:.2f} | 1e-3 |" in open(out / "lr_sweep.md").read()
 
     # re-running skips the finished runs and retries the failed ones; other settings make a run stale
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
@@ -63,8 +78,19 @@ def test_bench_sweeps_seeds_survives_a_failure_and_reruns_stale_runs(tmp_path, s
 
 
 def test_bench_runs_every_row_with_the_scripts_own_defaults(tmp_path):
-    proc = run(["bash", "bench.sh", "--dry-run"], env={"SIZES": "60m", "OUT": str(tmp_path)})
+    proc = run(["bash", "bench.sh", "--dry-run"], env={"SIZES": "60m", "OUT": str(tmp_path), "DEVICES": "cpu"})
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("python ")]
+    # the plan comes first; on a GPU its hours are the FLOPs at 40% of the peak (full-rank: 6 per weight but the
+    # embedding's, plus attention; low-rank fewer), and the wall time is at least the longest run's
+    rows = len(model.BENCH_ROWS)
+    assert f"plan: 60m: {rows} runs of 10,000 steps, 1,310,720,000 tokens each" in proc.stdout
+    assert "plan: total " in proc.stdout and "CPU: time not estimated" in proc.stdout
+    with model.torch.device("meta"):
+        full = model.flops_per_token(model.Llama(model.SIZES["60m"]), 256) * 10_000 * 512 * 256 / (0.4 * 989e12 * 3600)
+    plan = model.bench_plan(["full", "lowrank"], ["60m"], 2, 0, 1.0, 0, "NVIDIA H100 80GB HBM3", 4)
+    hours = float(plan[0].split(", ")[-1].split()[0])
+    assert 2 * full < hours < 4 * full
+    assert f"total {hours:.2f} GPU-hours, at least {full:.2f} h on 4 GPU(s)" in plan[1]
     assert [c[-1].split("/")[-1] for c in commands] == [f"{row}_60m_s0" for row in model.BENCH_ROWS]
     # the plans of each script's first row, two at a time (each is mostly the import of torch); the other rows
     # differ from them only in flags, which are checked for every row
@@ -135,22 +161,25 @@ def test_bench_resumes_an_unfinished_run_of_the_same_settings(tmp_path, fake_rep
     assert len(argvs) == 1 and "--resume" not in argvs[0]
 
 
-def test_bench_forwards_sigterm_and_leaves_a_live_run_alone(tmp_path, fake_repo):
+def test_bench_forwards_sigterm_to_every_run_and_leaves_a_live_run_alone(tmp_path, fake_repo):
     out = tmp_path / "out"
     cmd = ["bash", str(fake_repo / "bench.sh"), "--max-steps", "2"]
-    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out)}
+    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0 1", "OUT": str(out), "DEVICES": "cpu cpu"}
     sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in sweep.stdout:
-        if line.startswith("training"):
-            break
+    logs = [out / "runs" / f"full_nano_s{seed}" / "train.log" for seed in (0, 1)]
+    deadline = time.time() + 60
+    while not all(log.exists() and "training" in log.read_text() for log in logs) and time.time() < deadline:
+        time.sleep(0.2)  # both runs side by side, each logging to its folder
     sweep.send_signal(signal.SIGTERM)
     assert sweep.wait(30) == 128 + signal.SIGTERM and "bench: stopped by SIGTERM" in sweep.stderr.read()
-    assert (out / "runs" / "full_nano_s0" / "got_sigterm").exists()  # the training run got it, and stopped
+    for seed in (0, 1):  # each training run got it, and stopped
+        assert (out / "runs" / f"full_nano_s{seed}" / "got_sigterm").exists()
     # a folder whose lock a live run holds is never deleted, nor run again
     (out / "runs" / "full_nano_s0" / "result.json").write_text("{}")  # stale: no argv
     with open(out / "runs" / "full_nano_s0" / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        proc = subprocess.run(cmd, env={**env, "FAKE": "preempted"}, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, env={**env, "FAKE": "preempted", "SEEDS": "0", "DEVICES": "cpu"},
+                              capture_output=True, text=True, timeout=120)
     assert "[busy] full nano seed 0: a run is using" in proc.stdout
     assert (out / "runs" / "full_nano_s0" / "got_sigterm").exists()
 
@@ -174,3 +203,49 @@ def test_report_holds_the_runs_it_is_given_and_fails_in_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr == (
         f"error: {tmp_path}/runs/full_nano_s0/result.json is not a result of this repository's scripts "
         "(KeyError: 'precision')\n")
+
+
+def fabricate(runs, folder, ppl, method, lr, tokens_per_s=1000.0, states_mib=200):
+    """A run folder with a result.json as the scripts write it (nano, fp32, 100 MiB of weights and gradients)."""
+    (runs / folder).mkdir(parents=True)
+    result = {"method": method, "precision": "fp32", "tokens": 4096, "val_ppl": ppl, "val_loss": math.log(ppl),
+              "device": "cpu", "weights_bytes": 100 * 2**20, "grads_bytes": 100 * 2**20,
+              "optimizer_state_bytes": states_mib * 2**20, "buffers_bytes": 0, "tokens_per_s": tokens_per_s,
+              "mfu": None, "lr": lr, "rank": None if method == "full" else 8}
+    (runs / folder / "result.json").write_text(json.dumps(result))
+
+
+def test_report_compares_rows_beyond_the_seed_spread_and_tabulates_an_lr_sweep(tmp_path):
+    import report
+    runs = tmp_path / "runs"
+    for seed, ppl in enumerate([100.0, 102.0]):
+        fabricate(runs, f"full_nano_s{seed}", ppl, "full", 1e-3)
+    for seed, ppl in enumerate([90.0, 91.0]):  # 10.5 lower, beyond sd 1.41 + 0.71
+        fabricate(runs, f"galore_nano_s{seed}", ppl, "galore", 1e-2, tokens_per_s=500.0, states_mib=100)
+    for seed, ppl in enumerate([99.5, 101.5]):  # 0.5 lower, within the spread
+        fabricate(runs, f"fira_nano_s{seed}", ppl, "fira", 1e-2)
+    fabricate(runs, "lowrank_nano_s0", 130.0, "lowrank", 1.5e-3)
+    for lr, ppl in [("1e-3", 120.0), ("3e-3", 110.0)]:  # a swept row (its name has an underscore), one lr failed
+        fabricate(runs, f"lowrank_restarts_lr{lr}_nano_s0", ppl, "lowrank", float(lr))
+    (runs / "lowrank_restarts_lr1e-2_nano_s0").mkdir()
+    (runs / "lowrank_restarts_lr1e-2_nano_s0" / "failed.json").write_text(json.dumps({"reason": "diverged"}))
+    lines = report.summarize(report.load_runs(str(tmp_path)))
+    table = report.markdown([], lines, str(tmp_path))
+    # memory: weights + gradients + states counted, and over full-rank's; tokens/s over full-rank's
+    assert "| Full-rank AdamW | nano | 0.001 | full | 2 | 4,096 | 101.00 ± 1.41 (min 100.00, max 102.00) " \
+           "| 400.0 (fp32) | 1.00 |" in table
+    assert "| GaLore | nano | 0.01 | 8 | 2 | 4,096 | 90.50 ± 0.71 (min 90.00, max 91.00) | 300.0 (fp32) | 0.75 " \
+           "| 18.5 | - | - | 500 | 0.50 | - |" in table
+    assert "| nano | GaLore vs Full-rank AdamW | 90.50 ± 0.71 | 101.00 ± 1.41 | -10.50 | 2.12 | yes: GaLore lower |" \
+           in table
+    assert "| nano | Fira vs Full-rank AdamW | 100.50 ± 1.41 | 101.00 ± 1.41 | -0.50 | 2.83 | no |" in table
+    assert "| nano | Fira vs GaLore | 100.50 ± 1.41 | 90.50 ± 0.71 | +10.00 | 2.12 | yes: GaLore lower |" in table
+    # a swept row is compared at its best lr; one seed has no spread
+    assert "| nano | Low-rank + restarts (lr 3e-3) vs Low-rank | 110.00 | 130.00 | -20.00 | - " \
+           "| one seed: spread unknown |" in table
+    assert "| nano | GaLore vs Low-rank + restarts (lr 3e-3) | 90.50 ± 0.71 | 110.00 | -19.50 | - |" in table
+    assert table.count("\n| nano | ") == 4 + 4  # every row against full-rank, and the four pairs present
+    sweep = report.lr_sweep(lines, str(tmp_path))
+    assert "| method | lr 1e-3 | lr 3e-3 | lr 1e-2 | best lr |" in sweep
+    assert "| Low-rank + restarts | 120.00 | 110.00 | failed | 3e-3 |" in sweep
+    assert open(tmp_path / "lr_sweep.md").read() == sweep
