@@ -2,7 +2,7 @@
 # Sweep sizes x methods x seeds and collect perplexity, memory and speed into one table.
 #
 #   bash bench.sh                        # GPU: 60m 130m 350m (+1b with >= 70 GiB) on C4 at 10% of the papers' steps
-#                                        # CPU: tiny on the embedded Shakespeare corpus (the scripts' CPU recipe)
+#                                        # CPU: mini on the embedded Shakespeare as UTF-8 bytes (its recipe)
 #   bash bench.sh --budget 0.05          # 5% of the papers' steps
 #   bash bench.sh --max-steps 20         # a fixed number of steps for every run
 #   bash bench.sh --smoke                # GPU smoke sweep: every method at 60m, 100 steps of 128 x 256 tokens
@@ -19,8 +19,10 @@
 # (`python model.py --bench-command ROWS SIZES`), the same defaults a direct run of the script uses. The papers'
 # budgets: 512 sequences x 256 tokens = 131,072 tokens per step, 60m 10K steps (1.3B tokens), 130m 20K (2.6B),
 # 350m 60K (7.9B), 1b 100K (13.1B); --budget scales the steps (GPU default 0.1: a 350m run is then 6,000 steps,
-# 786M tokens, per method). The CPU default is the scripts' tiny recipe: 100 steps of 8 x 256 tokens, with the
-# methods' periods (projector refresh, restarts, merges) at 25 steps so that they act. matplotlib, if
+# 786M tokens, per method). The CPU default is mini's recipe on shakespeare-bytes, the papers' regime in
+# miniature (the matrices are 90% of the parameters): 300 steps of 16 x 256 tokens, with the methods' periods
+# (projector refresh, restarts, merges) at 50 steps so that they act. tiny on GPT-2 tokens stays a size:
+# SIZES=tiny DATASET=shakespeare bash bench.sh. matplotlib, if
 # installed, draws the loss curves and the memory bars (pip install matplotlib, then python report.py OUT).
 #
 # The runs form a queue over DEVICES, one run per device at a time (every GPU of the node by default; a GPU run
@@ -77,8 +79,8 @@ if [ "$GPUS" -gt 0 ]; then
     DEFAULT_DEVICES=$(seq -s ' ' -f 'cuda:%g' 0 $((GPUS - 1)))
 else
     DEVICE=cpu
-    DEFAULT_SIZES="tiny"
-    DEFAULT_DATASET=shakespeare
+    DEFAULT_SIZES="mini"
+    DEFAULT_DATASET=shakespeare-bytes
     DEFAULT_DEVICES=cpu
 fi
 EXTRA=()
@@ -132,8 +134,10 @@ if [ "$CPUS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
 fi
 IFS=, read -r -a VISIBLE <<< "${CUDA_VISIBLE_DEVICES:-}"  # cuda:N is the Nth GPU this process sees
 
-if [ "$DATASET" != shakespeare ] && [ ! -f "data/$DATASET/meta.json" ]; then
-    echo "error: dataset '$DATASET' is not prepared; run: python data.py $DATASET (or DATASET=shakespeare)" >&2
+if [ ! -f "data/$DATASET/meta.json" ] && ! python -c "import data, sys; sys.exit(sys.argv[1] not in data.EMBEDDED)" \
+        "$DATASET"; then  # the embedded datasets are prepared on first use
+    echo "error: dataset '$DATASET' is not prepared; run: $(python -c "import data, sys; \
+print(data.prepare_command(sys.argv[1]))" "$DATASET") (or DATASET=shakespeare-bytes)" >&2
     exit 1
 fi
 
@@ -142,7 +146,7 @@ RUNS=$(( $(wc -w <<< "$SEEDS") * $(wc -w <<< "${LRS:--}") ))  # per row and size
 GPU_SLOTS=$((${#SLOTS[@]} - CPUS)) PLAN_GPU=cpu
 [ "$GPU_SLOTS" -gt 0 ] && PLAN_GPU=$GPU_NAME
 commands=$(python model.py --bench-command "$METHODS" "$SIZES" \
-    --plan "$RUNS" "${STEPS:-0}" "${BUDGET:-1}" "$GLOBAL_BATCH" "$PLAN_GPU" "$GPU_SLOTS") || exit 2
+    --plan "$RUNS" "${STEPS:-0}" "${BUDGET:-1}" "$GLOBAL_BATCH" "$PLAN_GPU" "$GPU_SLOTS" "$DATASET") || exit 2
 PLAN=()  # runs, tokens, FLOPs and time per size, printed before the first run
 while read -r size method command; do
     if [ "$size" = plan ]; then PLAN+=("plan: $method $command"); continue; fi

@@ -372,8 +372,11 @@ def read_meta(d):
 
 def vocab_size(name):
     """The vocabulary of a finished dataset's tokenizer, which the model's follows (datasets prepared before
-    meta.json recorded it are GPT-2's)."""
-    return read_meta(dataset_dir(name)).get("vocab_size", 50257)
+    meta.json recorded it are GPT-2's), or of an embedded one that is not prepared yet."""
+    meta = read_meta(dataset_dir(name))
+    if not isinstance(meta, dict):
+        return {"gpt2": 50257, "bytes": ByteTokenizer.n_vocab}[EMBEDDED[name]]
+    return meta.get("vocab_size", 50257)
 
 
 def dataset_problem(d, meta):

@@ -489,20 +489,20 @@ def flops_per_token(model, seq_len):
 PLAN_MFU = 0.4  # the throughput a plan assumes on a GPU: 40% of its dense bf16 peak
 
 
-def bench_plan(rows, sizes, runs, max_steps, budget, global_batch, gpu_name, gpus):
+def bench_plan(rows, sizes, runs, max_steps, budget, global_batch, gpu_name, gpus, vocab_size):
     """The lines of a sweep's plan: per size its runs (rows x runs each), tokens and FLOPs, and on a GPU of the
     peak table the GPU-hours at PLAN_MFU and the least wall time on `gpus` GPUs; FLOPs from the shapes alone (6 per
-    trained weight, 4 per frozen one, as flops_per_token), so no weights are built."""
+    trained weight, 4 per frozen one, as flops_per_token) with the dataset's vocabulary, so no weights are built."""
     peak = peak_bf16_flops(gpu_name)
     lines, total, longest = [], 0.0, 0.0
     for size in sizes:
-        cfg, recipe = get_config(size), RECIPES[size]
+        cfg, recipe = get_config(size, vocab_size), RECIPES[size]
         steps = max_steps or max(1, round(recipe.steps * budget))
         tokens = steps * (global_batch or recipe.batch) * SEQ_LEN
         flops = 0.0
         for row in rows:
             method, overrides = BENCH_ROWS[row]
-            est = estimate_bytes(size, method, "bf16", {**method_defaults(method, size), **overrides})
+            est = estimate_bytes(size, method, "bf16", {**method_defaults(method, size), **overrides}, vocab_size)
             weights, trained = est["weights_bytes"] / 2, est["grads_bytes"] / 2
             per_token = (6 * trained + 4 * (weights - trained) - 6 * cfg.vocab_size * cfg.n_embd
                          + 12 * cfg.n_layer * cfg.n_embd * SEQ_LEN)
@@ -531,9 +531,11 @@ def main():
     parser.add_argument("--bench-command", nargs=2, metavar=("ROWS", "SIZES"),
                         help="print, one line per size and row (each list separated by spaces), the size, the row, "
                              "and the script and flags bench.sh runs for it")
-    parser.add_argument("--plan", nargs=6, metavar=("RUNS", "MAX_STEPS", "BUDGET", "GLOBAL_BATCH", "GPU", "GPUS"),
+    parser.add_argument("--plan", nargs=7, metavar=("RUNS", "MAX_STEPS", "BUDGET", "GLOBAL_BATCH", "GPU", "GPUS",
+                                                    "DATASET"),
                         help="with --bench-command: then print the sweep's plan, each line after 'plan ' (RUNS per "
-                             "row and size; MAX_STEPS and GLOBAL_BATCH 0 for the recipe's; GPU the device name)")
+                             "row and size; MAX_STEPS and GLOBAL_BATCH 0 for the recipe's; GPU the device name; the "
+                             "model's vocabulary is DATASET's)")
     args = parser.parse_args()
     if args.bench_command:  # every row and size at once: the sweep is checked before its first run, in one process
         rows, sizes = (names.split() for names in args.bench_command)
@@ -546,9 +548,10 @@ def main():
             for row in rows:
                 print(size, row, bench_command(row, size))
         if args.plan:
-            runs, max_steps, budget, global_batch, gpu, gpus = args.plan
+            from data import vocab_size  # data.py imports this module: not at the top
+            runs, max_steps, budget, global_batch, gpu, gpus, dataset = args.plan
             for line in bench_plan(rows, sizes, int(runs), int(max_steps), float(budget), int(global_batch), gpu,
-                                   int(gpus)):
+                                   int(gpus), vocab_size(dataset)):
                 print("plan", line)
         return
     sizes = [args.size] if args.size else list(SIZES)

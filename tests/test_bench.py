@@ -87,7 +87,7 @@ def test_bench_runs_every_row_with_the_scripts_own_defaults(tmp_path):
     assert "plan: total " in proc.stdout and "CPU: time not estimated" in proc.stdout
     with model.torch.device("meta"):
         full = model.flops_per_token(model.Llama(model.SIZES["60m"]), 256) * 10_000 * 512 * 256 / (0.4 * 989e12 * 3600)
-    plan = model.bench_plan(["full", "lowrank"], ["60m"], 2, 0, 1.0, 0, "NVIDIA H100 80GB HBM3", 4)
+    plan = model.bench_plan(["full", "lowrank"], ["60m"], 2, 0, 1.0, 0, "NVIDIA H100 80GB HBM3", 4, 50257)
     hours = float(plan[0].split(", ")[-1].split()[0])
     assert 2 * full < hours < 4 * full
     assert f"total {hours:.2f} GPU-hours, at least {full:.2f} h on 4 GPU(s)" in plan[1]
