@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import dataset_name, load_tokens, val_windows, vocab_size
-from model import (RECIPES, SEQ_LEN, Llama, PeakTensorBytes, estimate_bytes, get_config, memory_report,
+from model import (RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config, memory_report,
                    method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
 # -----------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def shared_parser(doc):
     """The flags every script has, with the size's recipe as defaults; returns (parser, size). A script adds its
     method's flags, then calls parse_args."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--size", default="tiny")
+    pre.add_argument("--size", default="mini")
     size = pre.parse_known_args()[0].size  # the defaults below depend on the size
     get_config(size)
     recipe = RECIPES[size]
@@ -81,7 +81,7 @@ def shared_parser(doc):
         help=f"size of the fixed validation set (default: the recipe's {recipe.val_tokens:,} for {size}, or the "
              "whole validation split if it is smaller)")
     # model
-    add("--size", default="tiny", help="model size from model.SIZES: nano tiny 60m 130m 350m 1b 7b")
+    add("--size", default="mini", help=f"model size from model.SIZES: {' '.join(SIZES)}")
     # optimization
     add("--max-steps", type=COUNT, default=None,
         help=f"optimizer steps (default: the recipe's {recipe.steps:,} for {size}, times --budget)")

@@ -1,7 +1,7 @@
 """
 APOLLO and APOLLO-Mini: full-rank weights; Adam runs on a random projection of each gradient, only to scale it.
 
-    python train_apollo.py                                 # tiny on CPU, the embedded Shakespeare corpus
+    python train_apollo.py                                 # mini on CPU, the embedded Shakespeare as bytes
     python train_apollo.py --size 60m --dataset c4         # one GPU, APOLLO's 60m run (r 128, lr 0.01, T 200)
     python train_apollo.py --size 60m --dataset c4 --variant apollo_mini  # APOLLO-Mini: r 1, one scale per tensor
     torchrun --nproc_per_node=4 train_apollo.py --size 1b --dataset c4

@@ -1,7 +1,7 @@
 """
 Fira: GaLore's low-rank Adam step plus the gradient's full-rank residual, scaled by the norms Adam gives.
 
-    python train_fira.py                                   # tiny on CPU, the embedded Shakespeare corpus
+    python train_fira.py                                   # mini on CPU, the embedded Shakespeare as bytes
     python train_fira.py --size 350m --dataset c4          # one GPU, Fira's 350m run (r 256, lr 0.01, T 200)
     torchrun --nproc_per_node=4 train_fira.py --size 1b --dataset c4
 

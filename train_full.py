@@ -1,7 +1,7 @@
 """
 Full-rank AdamW: the baseline every memory-efficient method is measured against.
 
-    python train_full.py                                   # tiny on CPU, the embedded Shakespeare corpus
+    python train_full.py                                   # mini on CPU, the embedded Shakespeare as bytes
     python train_full.py --size 60m --dataset c4           # one GPU, the papers' 60m run (python data.py c4 first)
     torchrun --nproc_per_node=4 train_full.py --size 350m --dataset c4
     python train_full.py --size 350m --dry-run             # print the plan (steps, batch, memory) and exit

@@ -1,7 +1,7 @@
 """
 GaLore: full-rank weights, Adam moments kept in a rank-r projection of each matrix's gradient.
 
-    python train_galore.py                                 # tiny on CPU, the embedded Shakespeare corpus
+    python train_galore.py                                 # mini on CPU, the embedded Shakespeare as bytes
     python train_galore.py --size 60m --dataset c4         # one GPU, GaLore's 60m run (r 128, lr 0.01, T 200)
     python train_galore.py --size 1b --dataset c4 --per-layer --batch-size 16 --global-batch 16
     torchrun --nproc_per_node=4 train_galore.py --size 350m --dataset c4

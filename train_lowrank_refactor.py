@@ -1,7 +1,7 @@
 """
 Low-rank factorized training with restarts: weight refactorization, momentum reset and lr quick recovery.
 
-    python train_lowrank_refactor.py                           # tiny on CPU: a restart every 25 steps
+    python train_lowrank_refactor.py                           # mini on CPU: a restart every 50 steps
     python train_lowrank_refactor.py --restart-every 0                  # plain low-rank: no restarts
     python train_lowrank_refactor.py --size 1b --dataset c4    # one GPU, the authors' 1b run (r 512, alpha 16)
     torchrun --nproc_per_node=4 train_lowrank_refactor.py --size 350m --dataset c4

@@ -1,7 +1,7 @@
 """
 Muon: orthogonalized momentum for the attention and MLP matrices, AdamW for embedding, head and norms.
 
-    python train_muon.py                                   # tiny on CPU, the embedded Shakespeare corpus
+    python train_muon.py                                   # mini on CPU, the embedded Shakespeare as bytes
     python train_muon.py --size 60m --dataset c4           # one GPU
     python train_muon.py --adjust-lr-fn original           # Keller Jordan's shape scaling instead of Moonlight's
     torchrun --nproc_per_node=4 train_muon.py --size 350m --dataset c4

@@ -1,7 +1,7 @@
 """
 LoRA and ReLoRA for pretraining: a frozen full-rank W0 plus trainable low-rank B A, merged and restarted.
 
-    python train_relora.py                                  # tiny on CPU: 25 full-rank steps, then a merge every 25
+    python train_relora.py                                  # mini on CPU: 75 full-rank steps, then a merge every 75
     python train_relora.py --relora-every 0 --warm-start-steps 0   # plain LoRA (the benchmark's LoRA row)
     python train_relora.py --size 130m --dataset c4         # one GPU: 5K full-rank steps, then a merge every 5K
     torchrun --nproc_per_node=4 train_relora.py --size 350m --dataset c4

@@ -1,7 +1,7 @@
 """
 SLTrain with restarts: sparse plus low-rank weights; refactorization, momentum reset and lr quick recovery.
 
-    python train_sltrain.py                                    # tiny on CPU: delta 0.1, a restart every 25 steps
+    python train_sltrain.py                                    # mini on CPU: delta 0.1, a restart every 50 steps
     python train_sltrain.py --restart-every 0 --delta 0.03     # plain SLTrain, at the SLTrain paper's density
     python train_sltrain.py --size 1b --dataset c4             # one GPU, the authors' 1b run (r 512, alpha 16)
     torchrun --nproc_per_node=4 train_sltrain.py --size 350m --dataset c4

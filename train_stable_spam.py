@@ -1,7 +1,7 @@
 """
 Stable-SPAM (and plain SPAM with --variant spam): Adam with spike-aware clipping and periodic momentum reset.
 
-    python train_stable_spam.py                                # tiny on CPU, the embedded Shakespeare corpus
+    python train_stable_spam.py                                # mini on CPU, the embedded Shakespeare as bytes
     python train_stable_spam.py --variant spam                 # SPAM: clipping against V, reset + cosine warmup
     python train_stable_spam.py --size 130m --dataset c4       # one GPU, the authors' BF16 130m run (lr 8e-4)
     torchrun --nproc_per_node=4 train_stable_spam.py --size 350m --dataset c4

@@ -29,6 +29,15 @@ def test_the_tiny_defaults_make_every_method_act_at_least_twice(tmp_path, shakes
         assert len(counts) >= 2 and counts == list(range(1, len(counts) + 1)), (action, counts)
 
 
+def test_the_mini_defaults_make_every_method_act_several_times():
+    """mini's 300 steps (the CPU benchmark's): every period a sixth of them, so each method acts 5 times"""
+    steps = RECIPES["mini"].steps
+    for method in METHODS:
+        for key, period in method_defaults(method, "mini").items():
+            if key in ("update_proj_gap", "restart_every", "reset_every"):
+                assert steps // period - 1 >= 5, (method, key, period)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_shows_the_recipe_of_the_size(script):
     text = subprocess.run([sys.executable, script, "--size", "60m", "--help"], cwd=ROOT, capture_output=True,
