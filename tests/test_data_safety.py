@@ -226,7 +226,7 @@ def test_meta_json_records_the_finished_dataset(tmp_path, data_dir):
     meta = json.loads((d / "meta.json").read_text())
     assert meta == {"tokens": {"train": 900, "val": 100},
                     "sha256": {s: hashlib.sha256((d / f"{s}.bin").read_bytes()).hexdigest() for s in ("train", "val")},
-                    "tokenizer": "gpt2", "source": str(tmp_path / "corpus"), "max_tokens": 1000}
+                    "tokenizer": "gpt2", "vocab_size": 50257, "source": str(tmp_path / "corpus"), "max_tokens": 1000}
     assert set(snapshot(d)) == set(FILES)  # no *.tmp left behind
 
 
