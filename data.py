@@ -159,7 +159,8 @@ class T5Tokenizer:
         return self.tokenizer.decode(ids)
 
 
-TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer, "t5": T5Tokenizer}  # the name a dataset records -> its tokenizer
+# the name a dataset records -> its tokenizer
+TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer, "t5": T5Tokenizer}
 
 
 # -----------------------------------------------------------------------------
@@ -296,13 +297,14 @@ def c4_shards(folder, split):
 def c4_docs(folder, split):
     """The documents of local C4 shards (one JSON object with a "text" per line), shard after shard."""
     for shard in c4_shards(folder, split):
-        line = 0
+        line = 1
         try:
             with gzip.open(shard, "rt", encoding="utf-8") as f:
-                for line, record in enumerate(f, 1):
+                for record in f:
                     yield json.loads(record)["text"]
+                    line += 1
         except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # cut short, not gzip, JSON or C4's
-            sys.exit(f"error: {shard} is not a C4 shard (after line {line}: {type(e).__name__}: {e})")
+            sys.exit(f"error: {shard} is not a C4 shard (line {line}: {type(e).__name__}: {e})")
 
 
 @contextlib.contextmanager

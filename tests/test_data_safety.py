@@ -337,7 +337,7 @@ ERRORS = {
         "error: no C4 validation shard (c4-validation.*-of-*.json.gz) in '{tmp_path}/c4'"),
     "a C4 shard that is not gzip": (
         c4_folder,
-        "error: {tmp_path}/c4/c4-validation.00000-of-00008.json.gz is not a C4 shard (after line 0: BadGzipFile: "
+        "error: {tmp_path}/c4/c4-validation.00000-of-00008.json.gz is not a C4 shard (line 1: BadGzipFile: "
         "Not a gzipped file (b'no'))"),
 }
 
