@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -145,6 +146,18 @@ def test_t5_ids_are_the_tokenizer_files_with_its_end_of_sequence_after_each_docu
     with pytest.raises(SystemExit) as e:
         data.T5Tokenizer()
     assert str(e.value).endswith("t5-tokenizer.json does not match its pinned sha256; delete it and retry")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(data.DATA_DIR, "tokenizer", "t5-tokenizer.json")),
+                    reason="T5's tokenizer.json is fetched by `python data.py NAME --tokenizer t5` (a 20 MB download)")
+def test_t5_ids_of_the_real_file_are_t5_bases():
+    pytest.importorskip("tokenizers", reason="the t5 tokenizer's optional dependency")
+    enc = data.T5Tokenizer()
+    assert enc.encode_ordinary("Hello world") == [8774, 296]  # the ids of HF's t5-base tokenizer, then </s> = 1
+    assert enc.encode_ordinary("The quick brown fox jumps over the lazy dog.") == [
+        37, 1704, 4216, 3, 20400, 4418, 7, 147, 8, 19743, 1782, 5]
+    assert enc.tokenizer.encode("Hello world").ids == [8774, 296, enc.eot_token]  # the file's post-processor
+    assert enc.tokenizer.get_vocab_size() == 32100 and enc.tokenizer.token_to_id("<extra_id_99>") == enc.n_vocab
 
 
 def test_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
