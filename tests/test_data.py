@@ -1,3 +1,7 @@
+import gzip
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +75,89 @@ def test_prepare_hub_dataset_with_a_local_stand_in(tmp_path, monkeypatch):
     assert len(tokens["train"]) == 40
     assert enc.decode(tokens["train"][:5].tolist()) == "train doc 0.<|endoftext|>"
     assert enc.decode(tokens["val"].tolist()) == "val doc one.<|endoftext|>val doc two.<|endoftext|>"
+
+
+def write_c4_shards(folder, split, shards):
+    """C4's layout: c4-<split>.0000k-of-0000n.json.gz, one JSON object with a "text" (and more) per line."""
+    folder.mkdir(exist_ok=True)
+    for k, docs in enumerate(shards):
+        with gzip.open(folder / f"c4-{split}.{k:05d}-of-{len(shards):05d}.json.gz", "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": doc, "timestamp": "2019-04-25T12:57:54Z", "url": "u"}) + "\n"
+                         for doc in docs)
+
+
+def test_c4_from_local_shards_is_the_same_with_2_workers_as_with_1(tmp_path, monkeypatch):
+    shards = [[f"shard {k} document {i} \u00fc" * (1 + i % 3) for i in range(20)] for k in range(3)]
+    write_c4_shards(tmp_path / "c4", "train", shards[::-1])  # shard order is the names', not the writing's
+    write_c4_shards(tmp_path / "c4", "validation", [["val one", "val two"]])
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "BATCH_DOCS", 3)  # 20 batches, so that the 2 workers take turns on them
+    files = {}
+    for workers in (2, 1):
+        data.prepare("c4", max_tokens=2000, val_tokens=10, tokenizer="bytes", c4_dir=str(tmp_path / "c4"),
+                     workers=workers)
+        files[workers] = [(tmp_path / "data" / "c4-bytes" / f).read_bytes() for f in ("train.bin", "val.bin")]
+    assert files[2] == files[1]
+    expected = np.concatenate([list(doc.encode()) + [256] for docs in shards[::-1] for doc in docs])[:2000]
+    assert np.array_equal(np.frombuffer(files[1][0], np.uint16), expected)
+    assert np.frombuffer(files[1][1], np.uint16).tolist() == list(b"val one") + [256, *b"va"]
+
+
+def train_t5_stand_in(path):
+    """A tokenizer.json built as T5's (Unigram, Metaspace, a post-processor that appends </s> = id 1), trained here
+    with the same library: the real file comes from a 20 MB download."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the t5 tokenizer's optional dependency")
+    tok = tokenizers.Tokenizer(tokenizers.models.Unigram())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                 unk_token="<unk>")
+    tok.train_from_iterator(["To be, or not to be: that is the question.", "Whether 'tis nobler in the mind"] * 50,
+                            trainer)
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path.parent.mkdir(parents=True)
+    tok.save(str(path))
+    return tok
+
+
+def test_t5_ids_are_the_tokenizer_files_with_its_end_of_sequence_after_each_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    tok = train_t5_stand_in(tmp_path / "data" / "tokenizer" / "t5-tokenizer.json")
+    monkeypatch.setattr(data, "T5_JSON_SHA256", data.sha256_file(tmp_path / "data" / "tokenizer" / "t5-tokenizer.json"))
+    docs = [" ".join([text] * 30) for text in ("To be, or not to be.", "that is the question", "Whether nobler in it")]
+    (tmp_path / "corpus").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(doc)
+    data.prepare(f"text:{tmp_path / 'corpus'}", tokenizer="t5")
+    tokens = data.load_tokens("text-corpus-t5")
+    ids = np.concatenate([tokens["train"], tokens["val"]]).tolist()
+    assert ids == [i for doc in docs for i in tok.encode(doc).ids]  # the post-processor's </s> ends each document
+    assert ids.count(1) == 3 and ids[-1] == 1
+    assert data.T5Tokenizer().decode(ids) == " ".join(docs)  # </s> is special: decoding drops it
+    assert data.vocab_size("text-corpus-t5") == 32000  # the papers': T5's ids without its 100 sentinels
+
+    monkeypatch.setattr(data.T5Tokenizer, "n_vocab", 10)  # as if the text held a sentinel
+    with pytest.raises(SystemExit) as e:
+        data.prepare(f"text:{tmp_path / 'corpus'}", tokenizer="t5")
+    assert str(e.value).startswith("error: a document of text:")
+    assert str(e.value).endswith(f"maps to id {max(ids)}, outside the 10 ids of the t5 vocabulary: nothing written")
+    assert data.load_tokens("text-corpus-t5")["val"].tolist() == tokens["val"].tolist()  # the dataset stays
+    monkeypatch.setattr(data, "T5_JSON_SHA256", "0" * 64)
+    with pytest.raises(SystemExit) as e:
+        data.T5Tokenizer()
+    assert str(e.value).endswith("t5-tokenizer.json does not match its pinned sha256; delete it and retry")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(data.DATA_DIR, "tokenizer", "t5-tokenizer.json")),
+                    reason="T5's tokenizer.json is fetched by `python data.py NAME --tokenizer t5` (a 20 MB download)")
+def test_t5_ids_of_the_real_file_are_t5_bases():
+    pytest.importorskip("tokenizers", reason="the t5 tokenizer's optional dependency")
+    enc = data.T5Tokenizer()
+    assert enc.encode_ordinary("Hello world") == [8774, 296]  # the ids of HF's t5-base tokenizer, then </s> = 1
+    assert enc.encode_ordinary("The quick brown fox jumps over the lazy dog.") == [
+        37, 1704, 4216, 3, 20400, 4418, 7, 147, 8, 19743, 1782, 5]
+    assert enc.tokenizer.encode("Hello world").ids == [8774, 296, enc.eot_token]  # the file's post-processor
+    assert enc.tokenizer.get_vocab_size() == 32100 and enc.tokenizer.token_to_id("<extra_id_99>") == enc.n_vocab
 
 
 def test_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ def kill_myself():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.parametrize("point", ["tokenizing", "commit 0", "commit 1", "commit 2"])
+@pytest.mark.parametrize("point", ["tokenizing", "tokenizing with 2 workers", "commit 0", "commit 1", "commit 2"])
 def test_a_killed_preparation_leaves_the_previous_dataset_or_a_refused_one(tmp_path, data_dir, point):
     name = write_corpus(tmp_path / "corpus", 10, "old")
     data.prepare(name)
@@ -152,7 +152,7 @@ def test_a_killed_preparation_leaves_the_previous_dataset_or_a_refused_one(tmp_p
     write_corpus(tmp_path / "corpus", 15, "new")
 
     def prepare_and_die():  # runs in a forked child, so it may patch data and os for good
-        if point == "tokenizing":
+        if point.startswith("tokenizing"):
             text_docs = data.text_docs
 
             def dying_docs(path):
@@ -161,6 +161,7 @@ def test_a_killed_preparation_leaves_the_previous_dataset_or_a_refused_one(tmp_p
                         kill_myself()
                     yield doc
             data.text_docs = dying_docs
+            data.BATCH_DOCS = 2  # the workers hold batches when the kill comes
         else:  # "commit k": killed at the k-th rename, after meta.json was removed
             replace, renamed = os.replace, []
 
@@ -170,11 +171,11 @@ def test_a_killed_preparation_leaves_the_previous_dataset_or_a_refused_one(tmp_p
                 renamed.append(src)
                 replace(src, dst)
             os.replace = dying_replace
-        data.prepare(name)
+        data.prepare(name, workers=2 if point.endswith("workers") else 1)
 
     assert forked(prepare_and_die) == -signal.SIGKILL
     after = snapshot(d)
-    if point == "tokenizing":
+    if point.startswith("tokenizing"):
         assert "train.bin.tmp" in after  # what a SIGKILL leaves: load_tokens ignores it
         assert {f: after[f] for f in FILES} == old
         assert len(data.load_tokens(name)["val"]) == len(np.frombuffer(old["val.bin"], np.uint16))
@@ -225,7 +226,7 @@ def test_meta_json_records_the_finished_dataset(tmp_path, data_dir):
     meta = json.loads((d / "meta.json").read_text())
     assert meta == {"tokens": {"train": 900, "val": 100},
                     "sha256": {s: hashlib.sha256((d / f"{s}.bin").read_bytes()).hexdigest() for s in ("train", "val")},
-                    "tokenizer": "gpt2", "source": str(tmp_path / "corpus"), "max_tokens": 1000}
+                    "tokenizer": "gpt2", "vocab_size": 50257, "source": str(tmp_path / "corpus"), "max_tokens": 1000}
     assert set(snapshot(d)) == set(FILES)  # no *.tmp left behind
 
 
@@ -296,6 +297,14 @@ def binary_corpus(tmp_path):
     cli(f"text:{tmp_path / 'corpus'}")
 
 
+def c4_folder(tmp_path, validation=b"not gzip"):
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4-train.00000-of-01024.json.gz").write_bytes(b"")
+    if validation is not None:
+        (tmp_path / "c4" / "c4-validation.00000-of-00008.json.gz").write_bytes(validation)
+    cli("c4", "--c4-dir", str(tmp_path / "c4"), "--tokenizer", "bytes")
+
+
 ERRORS = {
     "unprepared text dataset": (
         lambda tmp_path: data.load_tokens("text-my_corpus"),
@@ -323,6 +332,13 @@ ERRORS = {
         binary_corpus,
         "error: no readable text at '{tmp_path}/corpus': its 1 .txt file(s) are binary, not UTF-8 or not regular "
         "readable files"),
+    "no C4 shard": (
+        lambda tmp_path: c4_folder(tmp_path, validation=None),
+        "error: no C4 validation shard (c4-validation.*-of-*.json.gz) in '{tmp_path}/c4'"),
+    "a C4 shard that is not gzip": (
+        c4_folder,
+        "error: {tmp_path}/c4/c4-validation.00000-of-00008.json.gz is not a C4 shard (line 1: BadGzipFile: "
+        "Not a gzipped file (b'no'))"),
 }
 
 
