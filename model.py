@@ -9,6 +9,7 @@ serves every script and bench.sh.
 
     python model.py                                # every size: its parameters and the papers' recipe
     python model.py --memory                       # bf16 bytes of weights + optimizer states per size and method
+    python model.py --memory --vocab-size 32000    # ... with the papers' T5 vocabulary
     python model.py --bench-command "full lowrank" 60m    # the script and flags bench.sh runs for rows of its table
 """
 import argparse
@@ -528,6 +529,8 @@ def main():
     parser.add_argument("--size", default=None, help="one size only (default: all)")
     parser.add_argument("--memory", action="store_true",
                         help="print bf16 bytes of weights + optimizer states for every method")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="the tokenizer's vocabulary (default GPT-2's 50257; the papers' T5: 32000)")
     parser.add_argument("--bench-command", nargs=2, metavar=("ROWS", "SIZES"),
                         help="print, one line per size and row (each list separated by spaces), the size, the row, "
                              "and the script and flags bench.sh runs for it")
@@ -557,14 +560,17 @@ def main():
     sizes = [args.size] if args.size else list(SIZES)
     for size in sizes:
         get_config(size)
+    if args.vocab_size is not None and args.vocab_size < 1:
+        sys.exit(f"error: --vocab-size must be >= 1, got {args.vocab_size}")
     if args.memory:
         # stable_spam, spam: as full
         methods = ("full", "galore", "fira", "lowrank", "sltrain", "relora", "muon", "apollo", "apollo_mini")
-        print("GB in pure bf16 (2 bytes per element, as the papers count): weights + optimizer states "
-              "(as GaLore Table 2) | + gradients (as Fira Table 3); sltrain at delta 0.1 adds its int32 indices")
+        vocab = get_config("nano", args.vocab_size).vocab_size
+        print(f"GB in pure bf16 (2 bytes per element, as the papers count), vocabulary {vocab:,}: weights + optimizer "
+              "states (as GaLore Table 2) | + gradients (as Fira Table 3); sltrain at delta 0.1 adds its int32 indices")
         print(f"{'size':>5} {'rank':>5} " + " ".join(f"{m:>15}" for m in methods) + f" {'sltrain indices':>16}")
         for size in sizes:
-            est = [estimate_bytes(size, m) for m in methods]
+            est = [estimate_bytes(size, m, "bf16", None, args.vocab_size) for m in methods]
             cells = [f"{(e['weights_bytes'] + e['optimizer_state_bytes']) / 1e9:6.3f} | "
                      f"{(e['weights_bytes'] + e['optimizer_state_bytes'] + e['grads_bytes']) / 1e9:6.3f}"
                      for e in est]
