@@ -140,7 +140,7 @@ def optimizer(size):
     plus each step) as tokens/s; and the step's peak of tensor bytes above the weights, gradients and states."""
     cfg = get_config(size)
     idx, y = batch(cfg)
-    reps, rounds = 3, 3
+    reps, rounds = 1, 3
     for method in ["full", "galore", "fira", "apollo", "apollo_mini", "stable_spam", "spam", "muon", "lowrank",
                    "sltrain", "relora"]:
         torch.manual_seed(0)
