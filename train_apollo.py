@@ -113,23 +113,53 @@ class Apollo(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    self.step_param(p, group, index)
+            if "rank" in group:  # each matrix with its own projection
+                for index, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self.step_param(p, group, index)
+            else:
+                self.step_unprojected([p for p in group["params"] if p.grad is not None], group)
 
+    @torch.no_grad()
+    def step_unprojected(self, params, group):
+        """Embedding, head, norms: AdamW, the step below with R = G, batched over the tensors by torch's _foreach
+        ops (one kernel per operation on CUDA, a loop in C++ on a CPU), each op the per-tensor one, so the floats
+        are the per-tensor loop's."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        beta1, beta2 = group["betas"]
+        for t in {self.state[p]["step"] + 1 for p in params}:  # a batch per step count: its bias correction
+            W = [p for p in params if self.state[p]["step"] + 1 == t]
+            G = [p.grad for p in W]
+            M, V = [self.state[p]["exp_avg"] for p in W], [self.state[p]["exp_avg_sq"] for p in W]
+            for p in W:
+                self.state[p]["step"] = t
+            # numbers as 0-dim tensors: given a number, torch's CPU _foreach_mul_ rounds it to bf16 first, mul_ not
+            torch._foreach_mul_(M, torch.tensor(beta1, device=M[0].device))
+            torch._foreach_add_(M, G, alpha=1 - beta1)
+            torch._foreach_mul_(V, torch.tensor(beta2, device=V[0].device))
+            torch._foreach_addcmul_(V, G, G, value=1 - beta2)
+            step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            denom = torch._foreach_sqrt(V)
+            torch._foreach_add_(denom, group["eps"])
+            N = torch._foreach_div(M, denom)  # Adam's direction
+            if group["weight_decay"] > 0:
+                torch._foreach_mul_(W, torch.tensor(1 - group["lr"] * group["weight_decay"], device=W[0].device))
+            torch._foreach_add_(W, N, alpha=-step_size)
+
+    @torch.no_grad()
     def step_param(self, p, group, index):
+        """One matrix's step, in a "rank" group; index: its place in the group, for its projection's seed."""
         state, G = self.state[p], p.grad
         if not state:
             state["step"] = 0
-        if "rank" in group:
-            rows = G.shape[0] >= G.shape[1]  # channels: the rows of a tall or square matrix, else the columns
-            refresh, phase = divmod(state["step"], group["update_proj_gap"])  # new P at steps 0, T, 2T, ...
-            self.refreshed |= phase == 0
-            P = projection(group["rank"], G.shape[1] if rows else G.shape[0], G,
-                           projection_seed(group["seed"], index, refresh))
-            R = G @ P.T if rows else P @ G  # (m, r) or (r, n)
-        else:
-            R = G  # embedding, head, norms: AdamW
+        rows = G.shape[0] >= G.shape[1]  # channels: the rows of a tall or square matrix, else the columns
+        refresh, phase = divmod(state["step"], group["update_proj_gap"])  # new P at steps 0, T, 2T, ...
+        self.refreshed |= phase == 0
+        P = projection(group["rank"], G.shape[1] if rows else G.shape[0], G,
+                       projection_seed(group["seed"], index, refresh))
+        R = G @ P.T if rows else P @ G  # (m, r) or (r, n)
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(R), torch.zeros_like(R)
         beta1, beta2 = group["betas"]
@@ -138,21 +168,19 @@ class Apollo(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1 - beta2)
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
         N = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])  # Adam's direction
-        if "rank" in group:
-            # how much Adam rescales each channel (or the tensor) of the projected gradient: norms in fp32
-            dim = (1 if rows else 0) if group["scaling"] == "channel" else None
-            s = (torch.linalg.vector_norm(N, dim=dim, keepdim=True, dtype=torch.float32)
-                 / (torch.linalg.vector_norm(R, dim=dim, keepdim=True, dtype=torch.float32) + 1e-8))
-            U = G * s.to(G.dtype)
-            norm = torch.linalg.vector_norm(U, dtype=torch.float32)
-            if "norm" in state:  # the limiter, from the second step on; tensors, so that the GPU never waits
-                limit = torch.clamp(norm / (state["norm"].float() + 1e-8) / self.gamma, min=1.0)
-                U, norm = U / limit, norm / limit
-            state["norm"] = norm.to(G.dtype)
-            N = U * group["scale"]
+        # how much Adam rescales each channel (or the tensor) of the projected gradient: norms in fp32
+        dim = (1 if rows else 0) if group["scaling"] == "channel" else None
+        s = (torch.linalg.vector_norm(N, dim=dim, keepdim=True, dtype=torch.float32)
+             / (torch.linalg.vector_norm(R, dim=dim, keepdim=True, dtype=torch.float32) + 1e-8))
+        U = G * s.to(G.dtype)
+        norm = torch.linalg.vector_norm(U, dtype=torch.float32)
+        if "norm" in state:  # the limiter, from the second step on; tensors, so that the GPU never waits
+            limit = torch.clamp(norm / (state["norm"].float() + 1e-8) / self.gamma, min=1.0)
+            U, norm = U / limit, norm / limit
+        state["norm"] = norm.to(G.dtype)
         if group["weight_decay"] > 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(N, alpha=-step_size)
+        p.add_(U * group["scale"], alpha=-step_size)
 
 
 def projection_seed(seed, index, refresh):

@@ -100,25 +100,53 @@ class FiraAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
+            params = [p for p in group["params"] if p.grad is not None]
+            if "rank" in group:  # each matrix with its own projector
+                for p in params:
                     self.step_param(p, group)
+            else:
+                self.step_unprojected(params, group)
+
+    @torch.no_grad()
+    def step_unprojected(self, params, group):
+        """Embedding, head, norms: GaLore's step with R = G, no P and no residual (AdamW), batched over the
+        tensors by torch's _foreach ops (one kernel per operation on CUDA, a loop in C++ on a CPU), each op the
+        per-tensor one, so the floats are the per-tensor loop's."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        beta1, beta2 = group["betas"]
+        for t in {self.state[p]["step"] + 1 for p in params}:  # a batch per step count: its bias correction
+            W = [p for p in params if self.state[p]["step"] + 1 == t]
+            G = [p.grad for p in W]
+            M, V = [self.state[p]["exp_avg"] for p in W], [self.state[p]["exp_avg_sq"] for p in W]
+            for p in W:
+                self.state[p]["step"] = t
+            # the betas as 0-dim tensors: with a number, torch's CPU _foreach_mul_ rounds it to bf16 first, mul_ not
+            torch._foreach_mul_(M, torch.tensor(beta1, device=M[0].device))
+            torch._foreach_add_(M, G, alpha=1 - beta1)
+            torch._foreach_mul_(V, torch.tensor(beta2, device=V[0].device))
+            torch._foreach_addcmul_(V, G, G, value=1 - beta2)
+            step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            denom = torch._foreach_sqrt(V)
+            torch._foreach_add_(denom, group["eps"])
+            N = torch._foreach_div(M, denom)  # Adam's direction
+            torch._foreach_add_(W, N, alpha=-step_size)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(W, W, alpha=-group["lr"] * group["weight_decay"])
 
     @torch.no_grad()
     def step_param(self, p, group):
+        """One matrix's step, in a "rank" group."""
         state, G = self.state[p], p.grad
         if not state:
             state["step"] = 0
-        if "rank" in group:
-            m, n = G.shape
-            side = "right" if m >= n else "left"  # GaLore's std: shrink the smaller dimension
-            if state["step"] % group["update_proj_gap"] == 0:  # steps 0, T, 2T, ... before the increment
-                self.refreshes.append(refresh_projector(G, group["rank"], side, state, group["projector"],
-                                                        state["step"]))
-            P = state["P"]
-            R = G @ P.T if side == "right" else P.T @ G  # (m, r) or (r, n)
-        else:
-            R = G  # embedding, head, norms: plain Adam
+        m, n = G.shape
+        side = "right" if m >= n else "left"  # GaLore's std: shrink the smaller dimension
+        if state["step"] % group["update_proj_gap"] == 0:  # steps 0, T, 2T, ... before the increment
+            self.refreshes.append(refresh_projector(G, group["rank"], side, state, group["projector"], state["step"]))
+        P = state["P"]
+        R = G @ P.T if side == "right" else P.T @ G  # (m, r) or (r, n)
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(R), torch.zeros_like(R)
         beta1, beta2 = group["betas"]
@@ -127,23 +155,22 @@ class FiraAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1 - beta2)
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
         N = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])  # Adam's direction, low rank
-        if "rank" in group:
-            back = (lambda X: X @ P) if side == "right" else (lambda X: P @ X)  # low rank -> (m, n)
-            alpha = group["scale"]
-            # phi: how much Adam rescales each row (tall R) or column (wide R) of the projected gradient
-            dim = 0 if N.shape[0] < N.shape[1] else 1
-            phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8)
-            S = phi * (G - back(R) if group["paper_residual"] else G - alpha * back(R))
-            S_norm = S.norm()
-            if "residual_norm" in state:  # norm-growth limiter (Fira Sec. 4.3), not on the first step
-                # fira 1.0.2's max(ratio, gamma) / gamma: compared in S's dtype (in bf16 gamma rounds to 1.0078),
-                # and exactly 1 below it, where clamp(ratio, min=gamma) / gamma would round 1.01 / 1.01 to 0.996
-                # in bf16 and grow the residual by 0.4% at every such step
-                ratio = S_norm / (state["residual_norm"] + 1e-8)
-                limit = torch.where(ratio < self.gamma, 1.0, ratio / self.gamma)
-                S, S_norm = S / limit, S_norm / limit
-            state["residual_norm"] = S_norm
-            N = alpha * (back(N) + S) if group["paper_residual"] else alpha * back(N) + S
+        back = (lambda X: X @ P) if side == "right" else (lambda X: P @ X)  # low rank -> (m, n)
+        alpha = group["scale"]
+        # phi: how much Adam rescales each row (tall R) or column (wide R) of the projected gradient
+        dim = 0 if N.shape[0] < N.shape[1] else 1
+        phi = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8)
+        S = phi * (G - back(R) if group["paper_residual"] else G - alpha * back(R))
+        S_norm = S.norm()
+        if "residual_norm" in state:  # norm-growth limiter (Fira Sec. 4.3), not on the first step
+            # fira 1.0.2's max(ratio, gamma) / gamma: compared in S's dtype (in bf16 gamma rounds to 1.0078),
+            # and exactly 1 below it, where clamp(ratio, min=gamma) / gamma would round 1.01 / 1.01 to 0.996
+            # in bf16 and grow the residual by 0.4% at every such step
+            ratio = S_norm / (state["residual_norm"] + 1e-8)
+            limit = torch.where(ratio < self.gamma, 1.0, ratio / self.gamma)
+            S, S_norm = S / limit, S_norm / limit
+        state["residual_norm"] = S_norm
+        N = alpha * (back(N) + S) if group["paper_residual"] else alpha * back(N) + S
         p.add_(N, alpha=-step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])

@@ -107,31 +107,61 @@ class GaLoreAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
+            params = [p for p in group["params"] if p.grad is not None]
+            if "rank" in group:  # each matrix with its own projector
+                for p in params:
                     self.step_param(p, group)
+            else:
+                self.step_unprojected(params, group)
+
+    @torch.no_grad()
+    def step_unprojected(self, params, group):
+        """Embedding, head, norms: the step below with R = G and no P (AdamW), batched over the tensors by torch's
+        _foreach ops (one kernel per operation on CUDA, a loop in C++ on a CPU), each op the per-tensor one, so the
+        floats are the per-tensor loop's."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        beta1, beta2 = group["betas"]
+        for t in {self.state[p]["step"] + 1 for p in params}:  # a batch per step count: its bias correction
+            W = [p for p in params if self.state[p]["step"] + 1 == t]
+            G = [p.grad for p in W]
+            M, V = [self.state[p]["exp_avg"] for p in W], [self.state[p]["exp_avg_sq"] for p in W]
+            for p in W:
+                self.state[p]["step"] = t
+            # the betas as 0-dim tensors: with a number, torch's CPU _foreach_mul_ rounds it to bf16 first, mul_ not
+            torch._foreach_mul_(M, torch.tensor(beta1, device=M[0].device))
+            torch._foreach_add_(M, G, alpha=1 - beta1)
+            torch._foreach_mul_(V, torch.tensor(beta2, device=V[0].device))
+            torch._foreach_addcmul_(V, G, G, value=1 - beta2)
+            step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            denom = torch._foreach_sqrt(V)
+            torch._foreach_add_(denom, group["eps"])
+            N = torch._foreach_div(M, denom)  # Adam's direction
+            torch._foreach_add_(W, N, alpha=-step_size)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(W, W, alpha=-group["lr"] * group["weight_decay"])
 
     @torch.no_grad()
     def step_param(self, p, group):
+        """One parameter's step: a matrix of a "rank" group, or (--per-layer, inside backward) any parameter."""
+        if "rank" not in group:
+            return self.step_unprojected([p], group)
         state, G = self.state[p], p.grad
         if not state:
             state["step"] = 0
-        if "rank" in group:
-            m, n = G.shape
-            # std: shrink the smaller dimension, so the moments keep the larger one (m x r or r x n)
-            side = group["proj_type"] if group["proj_type"] != "std" else ("right" if m >= n else "left")
-            if state["step"] % group["update_proj_gap"] == 0:  # steps 0, T, 2T, ... before the increment
-                self.refreshes.append(refresh_projector(G, group["rank"], side, state, group["projector"],
-                                                        state["step"]))
-                if group["reset_on_refresh"] and "exp_avg" in state:
-                    # old moments live in the old subspace (Fira Sec. 4.2 blames the loss spikes on them)
-                    state["exp_avg"].zero_()
-                    state["exp_avg_sq"].zero_()
-                    state["step"] = 0  # so the bias correction restarts with the moments
-            P = state["P"]
-            R = G @ P.T if side == "right" else P.T @ G  # (m, n) @ (n, r) or (r, m) @ (m, n)
-        else:
-            R = G  # embedding, head, norms: plain Adam
+        m, n = G.shape
+        # std: shrink the smaller dimension, so the moments keep the larger one (m x r or r x n)
+        side = group["proj_type"] if group["proj_type"] != "std" else ("right" if m >= n else "left")
+        if state["step"] % group["update_proj_gap"] == 0:  # steps 0, T, 2T, ... before the increment
+            self.refreshes.append(refresh_projector(G, group["rank"], side, state, group["projector"], state["step"]))
+            if group["reset_on_refresh"] and "exp_avg" in state:
+                # old moments live in the old subspace (Fira Sec. 4.2 blames the loss spikes on them)
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
+                state["step"] = 0  # so the bias correction restarts with the moments
+        P = state["P"]
+        R = G @ P.T if side == "right" else P.T @ G  # (m, n) @ (n, r) or (r, m) @ (m, n)
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(R), torch.zeros_like(R)
         beta1, beta2 = group["betas"]
@@ -140,10 +170,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1 - beta2)
         step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
         N = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])  # Adam's direction, low rank
-        if "rank" in group:  # back to (m, n), then alpha: the official order, which rounds the same in bf16
-            p.add_((N @ P if side == "right" else P @ N) * group["scale"], alpha=-step_size)
-        else:
-            p.add_(N, alpha=-step_size)
+        # back to (m, n), then alpha: the official order, which rounds the same in bf16
+        p.add_((N @ P if side == "right" else P @ N) * group["scale"], alpha=-step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 

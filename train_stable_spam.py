@@ -110,6 +110,10 @@ model = new_model(cfg, args, device, param_dtype)
 # -----------------------------------------------------------------------------
 # --- METHOD: begin ---
 # the method: Stable-SPAM or SPAM on every parameter, as the authors' optimizers step it
+# Tensor by tensor, not batched by torch._foreach_* as the other scripts' Adam steps: the clipping (and Stable-SPAM's
+# norm scaling) compares each tensor with its own statistics through torch.where, which has no _foreach form, and
+# batching only Adam's part would keep every tensor's clipped gradient, denominator and direction alive at once
+# (three temporaries the size of the whole model) where the loop keeps one tensor's.
 
 
 class StableSPAM(torch.optim.Optimizer):

@@ -1,11 +1,11 @@
 """What one training step costs on this machine, each figure next to the one it replaces, in one process, the
 variants interleaved (on a shared machine only the ratios mean something):
 
-    python docs/measure_step.py peak tiny     # peak live tensor bytes: full fp32 logits / chunked loss / + checkpointing
+    python docs/measure_step.py peak tiny        # peak live tensor bytes: full fp32 logits / chunked loss / + ckpt
     python docs/measure_step.py peak 60m
-    python docs/measure_step.py adamw tiny    # step time per method, torch.optim.AdamW's for-loop vs fused
-    python docs/measure_step.py adamw 60m     # the optimizer step alone, full-rank, for-loop vs fused
-    python docs/measure_step.py compile tiny  # full-rank step time, eager vs torch.compile
+    python docs/measure_step.py optimizer 60m    # every method's optimizer step, before / after fused and batched
+    python docs/measure_step.py optimizer tiny   # the same, and tokens/s of the training step with each
+    python docs/measure_step.py compile tiny     # full-rank step time, eager vs torch.compile
 
 Micro-batch 8 x 256 (CPU_MICRO_BATCH, SEQ_LEN), fp32 as the CPU default, full-rank AdamW unless a method is named.
 """
@@ -88,38 +88,92 @@ def timed(fn, reps):
     return sorted(times)[len(times) // 2]  # the median
 
 
-def adamw(size):
+ADAMW = {"full": "full", "lowrank": "lowrank", "sltrain": "sltrain", "relora": "lora", "muon": "full"}
+OURS = {"galore": ("train_galore.py", "GaLoreAdamW"), "fira": ("train_fira.py", "FiraAdamW"),
+        "apollo": ("train_apollo.py", "Apollo"), "apollo_mini": ("train_apollo.py", "Apollo"),
+        "stable_spam": ("train_stable_spam.py", "StableSPAM"), "spam": ("train_stable_spam.py", "SPAM")}
+
+
+def before_and_after(method, model, size):
+    """The method's optimizer as its script builds it (the size's recipe), twice, each with its step before and
+    after issue 20's fused and batched steps (the same floats): torch.optim.AdamW's for-loop and fused kernel; for
+    GaLore, Fira and APOLLO their step with every tensor on its own (the batched step's operations, a list of one
+    at a time, as the loop before it) and batched; Stable-SPAM and SPAM (not batched) twice the same step, which
+    shows the noise. Muon: its AdamW part (embedding, head, norms) only, as torch.optim.Muon's Newton-Schulz
+    iterations run in bf16, too slow on this CPU (RESULTS.md); they did not change."""
+    from conftest import definitions
+    from model import method_defaults
+    if method in ADAMW:
+        matrices = [lin.weight for _, lin in compressible_matrices(model)] if method == "muon" else []
+        params = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in matrices)]
+        return [(lambda o: o.step)(torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=fused))
+                for fused in (False, True)]
+    script, name = OURS[method]
+    cls, hp = definitions(script)[name], method_defaults(method, size)
+    matrices = [lin.weight for _, lin in compressible_matrices(model)]
+    rest = [p for p in model.parameters() if all(p is not w for w in matrices)]
+    if method in ("stable_spam", "spam"):
+        flags = {k: v for k, v in hp.items() if k not in ("variant", "lr")}
+        if method == "stable_spam":
+            flags["decay_steps"] = 10_000
+        return [cls(model.parameters(), lr=hp["lr"], weight_decay=0.1, **flags).step for _ in range(2)]
+    group = {"rank": hp["rank"], "update_proj_gap": hp["update_proj_gap"], "scale": hp["scale"], **(
+        {"proj_type": "std", "reset_on_refresh": False, "projector": "svd"} if method == "galore" else
+        {"paper_residual": False, "projector": "svd"} if method == "fira" else
+        {"scaling": "tensor" if method == "apollo_mini" else "channel", "seed": 0})}
+    before, after = (cls([{"params": rest}, {"params": matrices, **group}], lr=hp["lr"], weight_decay=0.1)
+                     for _ in range(2))
+
+    def one_at_a_time():
+        for g in before.param_groups:
+            for index, p in enumerate(g["params"]):
+                if "rank" not in g:
+                    before.step_unprojected([p], g)
+                else:
+                    before.step_param(p, g, *([index] if name == "Apollo" else []))
+    return [one_at_a_time, after.step]
+
+
+def optimizer(size):
+    """The optimizer step of every method, before and after issue 20, on random gradients (interleaved rounds,
+    medians); at tiny also the training step with it (8 x 256 tokens: forward and backward, timed in the same rounds,
+    plus each step) as tokens/s; and the step's peak of tensor bytes above the weights, gradients and states."""
     cfg = get_config(size)
     idx, y = batch(cfg)
-    methods = ["full", "lowrank", "sltrain", "lora"] if size == "tiny" else ["full"]
-    for method in methods:
-        runs = {}
-        for fused in (False, True):
-            torch.manual_seed(0)
-            model = surgery(method, Llama(cfg), size)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
-            runs[fused] = (model, opt)
-            for p in model.parameters():  # one step to allocate the states
-                if p.requires_grad:
-                    p.grad = torch.full_like(p, 1e-3)
-            opt.step()
-        total = {False: [], True: []}
-        opt_only = {False: [], True: []}
-        for _ in range(3):  # interleaved: for-loop, fused, for-loop, fused, ...
-            for fused, (model, opt) in runs.items():
-                if size == "tiny":
-                    total[fused].append(timed(lambda: step(model, opt, idx, y), 1))
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.grad = torch.full_like(p, 1e-3)
-                opt_only[fused].append(timed(opt.step, 5))
+    reps, rounds = 1, 3
+    for method in ["full", "galore", "fira", "apollo", "apollo_mini", "stable_spam", "spam", "muon", "lowrank",
+                   "sltrain", "relora"]:
+        torch.manual_seed(0)
+        model = surgery(ADAMW.get(method, "full"), Llama(cfg), size)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        g = torch.Generator().manual_seed(1)
+        for p in trainable:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        steps = before_and_after(method, model, size)
+        for s in steps:
+            s()  # the states (and GaLore's, Fira's SVDs, T = 200 steps apart) exist: every later step's cost
+        opt_times, fb_times, peaks = ([], []), [], []
+        for s in steps:
+            with PeakTensorBytes() as p:
+                s()
+            peaks.append(p.peak)
+        for _ in range(rounds):
+            if size == "tiny":  # real gradients of this round's batch, for both steps
+                for p in trainable:
+                    p.grad = None
+                fb_times.append(timed(lambda: model(idx, y)[1].backward(), 1))
+            for times, s in zip(opt_times, steps):  # before, after, before, after, ...
+                times.append(timed(s, reps))
         med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-        line = f"{size} {method:8s} optimizer step: for-loop {1e3 * med(opt_only[False]):7.1f} ms, fused " \
-               f"{1e3 * med(opt_only[True]):7.1f} ms ({med(opt_only[False]) / med(opt_only[True]):.2f}x)"
+        b, a = med(opt_times[0]), med(opt_times[1])
+        line = (f"{size} {method:11s} optimizer step: before {1e3 * b:8.1f} ms, after {1e3 * a:8.1f} ms "
+                f"({b / a:.2f}x); peak above weights, grads, states: before {peaks[0] / 2**20:6.1f} MiB, after "
+                f"{peaks[1] / 2**20:6.1f} MiB")
         if size == "tiny":
-            line += f" | training step: for-loop {med(total[False]):.3f} s, fused {med(total[True]):.3f} s " \
-                    f"({med(total[False]) / med(total[True]):.2f}x, tokens/s x{med(total[False]) / med(total[True]):.2f})"
+            fb = med(fb_times)
+            line += f" | forward+backward {fb:.2f} s: tokens/s x{(fb + b) / (fb + a):.3f} after"
         print(line, flush=True)
+        del model, steps
 
 
 def compile_(size):
@@ -146,4 +200,4 @@ def compile_(size):
 
 if __name__ == "__main__":
     what, size = sys.argv[1:3]
-    {"peak": peak, "adamw": adamw, "compile": compile_}[what](size)
+    {"peak": peak, "optimizer": optimizer, "compile": compile_}[what](size)

@@ -67,10 +67,11 @@ def adamw_box(w0, grads, lr, wd):
 
 
 def inputs(dtype, seed=0):
-    """A tall, a wide and a square matrix (the group, in this order) and a vector; weights at an LLM's init scale
-    (0.01) so that the updates span many ulps; 10 steps of gradients (refreshes at steps 1, 4, 7, 10: T = 3)."""
+    """A tall, a wide and a square matrix (the group, in this order), a vector and an unprojected matrix (AdamW's
+    batch of two); weights at an LLM's init scale (0.01) so that the updates span many ulps; 10 steps of gradients
+    (refreshes at steps 1, 4, 7, 10: T = 3)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(12, 8), (8, 12), (8, 8), (8,)]
+    shapes = [(12, 8), (8, 12), (8, 8), (8,), (6, 4)]
     params = [(torch.randn(s, generator=g) * 0.01).to(dtype) for s in shapes]
     grads = [[(torch.randn(s, generator=g) * k).to(dtype) for s in shapes] for k in GROWTH]
     return params, grads
@@ -121,8 +122,9 @@ def test_update_is_the_algorithm_box(dtype, variant):
         assert set(state) == {"step", "exp_avg", "exp_avg_sq", "norm"}  # no projection kept
         assert state["exp_avg"].shape == ((w0.shape[0], rank) if transpose else (rank, w0.shape[1]))
     assert 0 < len(acted) < 3 * 9  # the limiter acted at some of the steps it may act at, not at all
-    ref = adamw_box(params[3], [g[3] for g in grads], LR, wd)
-    assert ((weights[3].double() - ref).norm() / (ref - params[3].double()).norm()) < TOLERANCE[dtype]
+    for i in (3, 4):
+        ref = adamw_box(params[i], [g[i] for g in grads], LR, wd)
+        assert ((weights[i].double() - ref).norm() / (ref - params[i].double()).norm()) < TOLERANCE[dtype]
 
 
 def test_projection_depends_on_the_seed_the_matrix_and_the_refresh_only():

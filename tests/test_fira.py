@@ -44,7 +44,7 @@ def test_rank_r_gradients_leave_no_residual_so_fira_is_galore():
     # gradients inside a fixed rank-4 row space: P R = G exactly, the residual is 0 at alpha = 1
     params, grads = params_and_grads(steps=5)
     basis = torch.linalg.qr(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)))[0]  # (8, 4)
-    grads = [[g[0] @ basis @ basis.T, basis @ basis.T @ g[1], g[2]] for g in grads]
+    grads = [[g[0] @ basis @ basis.T, basis @ basis.T @ g[1], *g[2:]] for g in grads]
     ours, _ = run_optimizer(lambda ps: fira(ps, scale=1.0), params, grads)
     ref, _ = run_optimizer(lambda ps: galore(ps, scale=1.0), params, grads)
     assert_same_weights(ours, ref)

@@ -8,10 +8,14 @@ GaLoreAdamW = GALORE["GaLoreAdamW"]
 
 
 def params_and_grads(seed=0, steps=7):
-    """A tall and a wide matrix (the two projection sides), a vector; a fixed gradient sequence for each."""
-    g = torch.Generator().manual_seed(seed)
+    """A tall and a wide matrix (the two projection sides), then a vector and a matrix that are not projected (a
+    batch of two for the batched AdamW step); a fixed gradient sequence for each."""
+    g, h = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1000)
     params = [torch.randn(12, 8, generator=g), torch.randn(8, 12, generator=g), torch.randn(8, generator=g)]
     grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(steps)]
+    params.append(torch.randn(6, 4, generator=h))
+    for step in grads:
+        step.append(torch.randn(6, 4, generator=h))
     return params, grads
 
 
