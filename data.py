@@ -459,12 +459,16 @@ def dataset_dir(name, tokenizer="gpt2"):
 EMBEDDED = {"shakespeare": "gpt2", "shakespeare-bytes": "bytes"}
 
 
+def corpus_and_tokenizer(name):
+    """(corpus, tokenizer) of a dataset's name: <corpus>-<tokenizer>, or the corpus alone in GPT-2's ids."""
+    tokenizer = next((t for t in TOKENIZERS if t != "gpt2" and name.endswith(f"-{t}")), "gpt2")
+    return (name if tokenizer == "gpt2" else name[:-len(f"-{tokenizer}")]), tokenizer
+
+
 def prepare_command(name):
     """A command that prepares the dataset a training script calls `name` (its --dataset)."""
-    tokenizer = next((t for t in TOKENIZERS if t != "gpt2" and name.endswith(f"-{t}")), "gpt2")
+    name, tokenizer = corpus_and_tokenizer(name)
     flag = "" if tokenizer == "gpt2" else f" --tokenizer {tokenizer}"
-    if tokenizer != "gpt2":
-        name = name[:-len(f"-{tokenizer}")]
     if name.startswith("text-"):
         return (f"python data.py text:PATH{flag}, with PATH your .txt file or folder named "
                 f"{name[len('text-'):]!r}")

@@ -15,59 +15,56 @@ import re
 import statistics
 import sys
 
-from model import BENCH_ROWS, estimate_bytes
+from data import corpus_and_tokenizer
+from model import BENCH_ROWS, RECIPES, SEQ_LEN, SIZES, estimate_bytes
 
 LABELS = {"full": "Full-rank AdamW", "galore": "GaLore", "fira": "Fira", "lowrank": "Low-rank",
           "lowrank_restarts": "Low-rank + restarts", "sltrain": "SLTrain", "sltrain_restarts": "SLTrain + restarts",
           "lora": "LoRA", "relora": "ReLoRA", "stable_spam": "Stable-SPAM", "spam": "SPAM", "muon": "Muon",
           "apollo": "APOLLO", "apollo_mini": "APOLLO-Mini"}
 
-# C4 validation perplexity (memory in GB, bf16) as the papers report them, full budgets, T5 tokenizer (32,000
-# tokens: their embeddings are smaller than ours). GaLore (Zhao et al. 2024) Table 2 counts weights +
-# optimizer states; Fira (Chen et al. 2024) Table 3 adds the gradients. Glentis et al. (2025) at 1b, quoted by
-# third parties (their full-rank 13.97 is probably Stable-SPAM, not plain Adam); their companion paper
-# (arXiv 2506.16659, same setup) gives weights + optimizer states.
+# C4 validation perplexity (memory in GB, bf16) as the papers report them: full budgets, T5 tokenizer (32,000
+# tokens), each C4 document one sequence. GaLore (Zhao et al. 2024) Table 2 counts weights + optimizer states;
+# Fira (Chen et al. 2024) Table 3 adds the gradients. Glentis et al. (2025) give 1b alone, quoted by third
+# parties (their full-rank 13.97 is probably Stable-SPAM, not plain Adam); their companion paper (same setup),
+# weights + optimizer states, is the source at 60m-350m where the benchmark's own papers have no number.
+GLENTIS, COMPANION = "Glentis et al. 2025, as quoted", "companion paper (arXiv 2506.16659) table"
 PAPER = {
     "full": [("GaLore Table 2", {"60m": (34.06, 0.36), "130m": (25.08, 0.76), "350m": (18.80, 2.06),
                                  "1b": (15.56, 7.80)}),
-             ("Glentis et al. companion, Adam", {"60m": (30.05, 0.35), "130m": (23.13, 0.81),
-                                                 "350m": (18.77, 2.21), "1b": (16.52, 8.04)}),
-             ("Glentis et al., best full-rank", {"1b": (13.97, None)})],
+             (f"{COMPANION}, Adam", {"60m": (30.05, 0.35), "130m": (23.13, 0.81), "350m": (18.77, 2.21),
+                                     "1b": (16.52, 8.04)}),
+             (f"{GLENTIS}, best full-rank", {"1b": (13.97, None)})],
     "galore": [("GaLore Table 2", {"60m": (34.88, 0.24), "130m": (25.36, 0.52), "350m": (18.95, 1.22),
                                    "1b": (15.64, 4.38)}),
-               ("Glentis et al. companion", {"60m": (34.58, 0.28), "130m": (25.31, 0.61), "350m": (19.37, 1.59),
-                                             "1b": (15.57, 4.76)})],
+               (COMPANION, {"60m": (34.58, 0.28), "130m": (25.31, 0.61), "350m": (19.37, 1.59), "1b": (15.57, 4.76)})],
     "fira": [("Fira Table 3 (memory incl. gradients)", {"60m": (31.06, 0.36), "130m": (22.73, 0.77),
                                                         "350m": (16.85, 1.90), "1b": (14.31, 6.98)}),
-             ("Glentis et al. companion", {"60m": (30.34, 0.28), "130m": (22.96, 0.61), "350m": (16.82, 1.59),
-                                           "1b": (15.10, 4.76)})],
+             (COMPANION, {"60m": (30.34, 0.28), "130m": (22.96, 0.61), "350m": (16.82, 1.59), "1b": (15.10, 4.76)})],
     "lowrank": [("GaLore Table 2", {"60m": (78.18, 0.26), "130m": (45.51, 0.54), "350m": (37.41, 1.08),
                                     "1b": (142.53, 3.57)})],
-    "lowrank_restarts": [("Glentis et al.", {"1b": (15.013, None)})],
-    "sltrain_restarts": [("Glentis et al.", {"1b": (14.37, None)})],
+    "lowrank_restarts": [(GLENTIS, {"1b": (15.013, None)})],
+    "sltrain_restarts": [(GLENTIS, {"1b": (14.37, None)})],
     # APOLLO (Zhu et al., MLSys 2025) Table 2: rank d/4 (Mini: 1), lr 0.01, memory weights + optimizer states
     "apollo": [("APOLLO Table 2", {"60m": (31.55, 0.24), "130m": (22.94, 0.52), "350m": (16.85, 1.22),
                                    "1b": (14.20, 4.38)}),
-               ("Glentis et al. companion", {"60m": (30.94, None), "130m": (22.93, None), "350m": (16.75, None),
-                                             "1b": (14.20, None)})],
+               (COMPANION, {"60m": (30.94, 0.28), "130m": (22.93, 0.61), "350m": (16.75, 1.59), "1b": (14.20, 4.76)})],
     "apollo_mini": [("APOLLO Table 2", {"60m": (31.93, 0.12), "130m": (23.53, 0.25), "350m": (17.18, 0.69),
                                         "1b": (14.17, 2.60)}),
-                    ("Glentis et al. companion", {"60m": (31.85, None), "130m": (23.63, None),
-                                                  "350m": (17.11, None), "1b": (14.13, None)})],
-    # the companion paper's table, as its Adam row (weights + states)
-    "stable_spam": [("Glentis et al. companion", {"60m": (28.77, 0.35), "130m": (22.20, 0.81), "350m": (16.80, 2.21),
-                                                  "1b": (13.97, 8.04)})],
-    "muon": [("Glentis et al. companion", {"60m": (28.86, 0.23), "130m": (22.20, 0.54), "350m": (16.70, 1.47),
-                                           "1b": (14.18, 5.36)})],
+                    (COMPANION, {"60m": (31.85, 0.25), "130m": (23.63, 0.46), "350m": (17.11, 1.00),
+                                 "1b": (14.13, 3.20)})],
+    "stable_spam": [(COMPANION, {"60m": (28.77, 0.35), "130m": (22.20, 0.81), "350m": (16.80, 2.21),
+                                 "1b": (13.97, 8.04)})],
+    "muon": [(COMPANION, {"60m": (28.86, 0.23), "130m": (22.20, 0.54), "350m": (16.70, 1.47), "1b": (14.18, 5.36)})],
 }
 
 # the papers' pairs (a, b), whose ordering their claims are about (b − a in the table of differences)
 PAIRS = [("lowrank", "lowrank_restarts"), ("sltrain", "sltrain_restarts"), ("lora", "relora"), ("galore", "fira"),
          ("lowrank_restarts", "galore"), ("lowrank_restarts", "fira")]
 
-COLUMNS = ["method", "size", "lr", "seed", "status", "rank", "precision", "tokens", "val_ppl", "val_loss",
-           "weights_mib", "grads_mib", "states_mib", "buffers_mib", "bf16_estimate_mib", "peak_tensor_mib",
-           "peak_gpu_mib", "tokens_per_s", "mfu", "device"]
+COLUMNS = ["method", "size", "dataset", "vocab_size", "sequences", "lr", "seed", "status", "rank", "precision",
+           "tokens", "val_ppl", "val_loss", "weights_mib", "grads_mib", "states_mib", "buffers_mib",
+           "bf16_estimate_mib", "peak_tensor_mib", "peak_gpu_mib", "tokens_per_s", "mfu", "device"]
 RUN = re.compile(r"(.+?)(?:_lr([^_]+))?_([^_]+)_s(\d+)$")  # <row>_<size>_s<seed>, in an lr sweep <row>_lr<lr>_...
 
 
@@ -107,7 +104,10 @@ def lr_value(lr):
 def result_row(r, size):
     """The table's columns of one result.json."""
     mib = 2**20
-    row = dict(status="ok", rank=r.get("rank"), lr=r.get("lr"), precision=r["precision"], tokens=r["tokens"],
+    # results written before a run recorded its dataset have none; before documents, every run packed windows
+    row = dict(status="ok", dataset=r.get("dataset"), vocab_size=r.get("vocab_size"),
+               sequences=r.get("sequences", "windows"), rank=r.get("rank"), lr=r.get("lr"), precision=r["precision"],
+               tokens=r["tokens"],
                val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
                weights_mib=r["weights_bytes"] / mib, grads_mib=r["grads_bytes"] / mib,
                states_mib=r["optimizer_state_bytes"] / mib, buffers_mib=r["buffers_bytes"] / mib,
@@ -157,6 +157,43 @@ def best_lines(lines):
     return best
 
 
+TOKENIZER_NAMES = {"gpt2": "GPT-2", "bytes": "byte-level", "t5": "T5"}
+
+
+def dataset_cell(run):
+    """A run's dataset and its tokenizer, as c4-t5 (T5 tokenizer)."""
+    if run["dataset"] is None:
+        return "not recorded"
+    return f"{run['dataset']} ({TOKENIZER_NAMES[corpus_and_tokenizer(run['dataset'])[1]]} tokenizer)"
+
+
+def not_comparable(line):
+    """Why a row cannot stand beside the papers' numbers (their size, full budget, corpus, tokenizer and
+    sequences), or "" when it can."""
+    run, size = line["ok"][0], line["size"]
+    sizes = [s for s in SIZES if any(s in numbers for _, numbers in PAPER[line["method"]])]
+    reasons = []
+    if size not in sizes:
+        reasons.append(f"size {size}, the papers report {', '.join(sizes)}")
+    else:
+        budget = RECIPES[size].steps * RECIPES[size].batch * SEQ_LEN
+        if run["tokens"] != budget:
+            reasons.append(f"{100 * run['tokens'] / budget:.3g}% of the papers' budget")
+    if run["dataset"] is None:
+        reasons.append("dataset not recorded")
+    else:
+        corpus, tokenizer = corpus_and_tokenizer(run["dataset"])
+        if corpus != "c4":
+            reasons.append(f"corpus {corpus}, the papers' is C4")
+        if tokenizer != "t5":
+            reasons.append(f"{TOKENIZER_NAMES[tokenizer]} tokenizer, the papers' is T5's")
+        elif run["vocab_size"] != 32_000:
+            reasons.append(f"vocabulary {run['vocab_size']}, the papers' is 32,000")
+    if run["sequences"] != "documents":
+        reasons.append("packed windows, the papers' are documents")
+    return "; ".join(reasons)
+
+
 def ppl_cell(line):
     text = f"{line['ppl']:.2f}"
     if line["ppl_sd"] is not None:
@@ -183,16 +220,16 @@ def comparison(a, b):
 
 
 def markdown(rows, lines, out):
-    table = ["| method | size | lr | rank | seeds | tokens | val ppl | weights + grads + states (MiB, as trained) "
-             "| memory vs full | bf16 estimate (MiB) | peak tensors (MiB) | peak GPU (MiB) | tokens/s "
-             "| tokens/s vs full | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| method | size | dataset | lr | rank | seeds | tokens | val ppl "
+             "| weights + grads + states (MiB, as trained) | memory vs full | bf16 estimate (MiB) | peak tensors (MiB) "
+             "| peak GPU (MiB) | tokens/s | tokens/s vs full | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for line in lines:
         failed = [r for r in line["runs"] if r["status"] != "ok"]
         note = "; ".join(f"seed {r['seed']} {r['status']}" for r in failed)
         if not line["ok"]:
-            table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {line['sweep_lr'] or ''} "
-                         f"| | | | {note} | | | | | | | | |")
+            table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | "
+                         f"| {line['sweep_lr'] or ''} | | | | {note} | | | | | | | | |")
             continue
         first = line["ok"][0]
         ppl = ppl_cell(line)
@@ -206,8 +243,9 @@ def markdown(rows, lines, out):
         memory_ratio, speed_ratio = (f"{line[k]:.2f}" if k in line else "-" for k in ("rel_memory", "rel_speed"))
         peak = " | ".join(f"{line[k]:,.0f}" if line[k] else "-" for k in ("peak_tensor_mib", "peak_gpu_mib"))
         mfu = f"{100 * line['mfu']:.1f}%" if line["mfu"] else "-"
-        table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {first['lr'] or '-'} "
-                     f"| {first['rank'] or 'full'} | {len(line['ok'])} | {first['tokens']:,} | {ppl} | {memory} "
+        table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {dataset_cell(first)} "
+                     f"| {first['lr'] or '-'} | {first['rank'] or 'full'} | {len(line['ok'])} | {first['tokens']:,} "
+                     f"| {ppl} | {memory} "
                      f"| {memory_ratio} | {first['bf16_estimate_mib']:.1f} | {peak} | {line['tps']:,.0f} "
                      f"| {speed_ratio} | {mfu} |")
     best = {key: line for key, line in best_lines(lines).items() if line["ok"]}
@@ -221,21 +259,27 @@ def markdown(rows, lines, out):
     differences += [comparison(best[size, a], best[size, b]) for size, a, b in compared]
     if not compared:
         differences = []
-    paper = ["", "Reported by the papers (C4, full budgets; ppl and memory GB) next to this sweep's mean ppl:", "",
-             "| method | size | paper ppl | paper memory (GB) | source | our ppl | our tokens |",
-             "|---|---|---|---|---|---|---|"]
-    matched = False
+    paper = []  # the rows of methods the papers report: their numbers, or why they cannot stand beside ours
     for line in best_lines(lines).values():
-        for source, numbers in PAPER.get(line["method"], []):
+        if not line["ok"] or line["method"] not in PAPER:
+            continue
+        ours = (f"| {LABELS[line['method']]} | {line['size']} | {dataset_cell(line['ok'][0])} | {ppl_cell(line)} "
+                f"| {line['ok'][0]['tokens']:,} |")
+        reason = not_comparable(line)
+        if reason:
+            paper.append(f"{ours} not comparable: {reason} | | |")
+            continue
+        for source, numbers in PAPER[line["method"]]:
             if line["size"] in numbers:
-                matched = True
                 ppl, gb = numbers[line["size"]]
-                ours = (f"{line['ppl']:.2f} | {line['ok'][0]['tokens']:,}" if line["ok"] else "failed |")
-                paper.append(f"| {LABELS[line['method']]} | {line['size']} | {ppl} | {gb or '-'} | {source} | {ours} |")
-    if not matched:
-        paper = ["", "No size of this sweep is a paper size (60m, 130m, 350m, 1b), so there is nothing to put "
-                 "next to the papers' numbers."]
-    notes = ["", "val ppl: mean over the seeds that finished, ± their sample standard deviation when there are "
+                paper.append(f"{ours} {ppl} | {gb or '-'} | {source} |")
+    if paper:
+        paper = ["", "Reported by the papers (validation ppl on C4 in T5 tokens, memory GB in bf16), beside the rows "
+                 "that are comparable: the papers' size and full budget on c4-t5, each document one sequence:", "",
+                 "| method | size | dataset | our ppl | our tokens | paper ppl | paper memory (GB) | source |",
+                 "|---|---|---|---|---|---|---|---|", *paper]
+    notes = ["", "dataset: <corpus>-<tokenizer> (GPT-2's ids when the name has no tokenizer). "
+             "val ppl: mean over the seeds that finished, ± their sample standard deviation when there are "
              "several. weights + grads + states: bytes counted from the live tensors in the run's precision "
              "(+ SLTrain's int32 support indices); memory vs full: that sum over full-rank AdamW's at the same size. "
              "bf16 estimate: weights + optimizer states at 2 bytes each, as GaLore's "

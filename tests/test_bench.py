@@ -56,8 +56,9 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
     assert full[0] != full[1]
     table = open(out / "results.md").read()
     mean, sd = sum(full) / 2, abs(full[0] - full[1]) / 2 ** 0.5
-    assert f"| Full-rank AdamW | nano | 0.001 | full | 2 | 4,096 | {mean:.2f} ± {sd:.2f} (min {min(full):.2f}" in table
-    assert "| Fira | nano |  | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
+    assert (f"| Full-rank AdamW | nano | shakespeare-bytes (byte-level tokenizer) | 0.001 | full | 2 | 4,096 "
+            f"| {mean:.2f} ± {sd:.2f} (min {min(full):.2f}") in table
+    assert "| Fira | nano | |  | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
     assert os.path.exists(out / "loss_nano.png") and os.path.exists(out / "memory_nano.png")
     # a finished run's checkpoint (every run writes one at its end) is not kept: the result is
     assert not glob.glob(str(runs / "full_nano_s*" / "ckpt.pt"))
@@ -205,13 +206,14 @@ def test_report_holds_the_runs_it_is_given_and_fails_in_one_line(tmp_path):
         "(KeyError: 'precision')\n")
 
 
-def fabricate(runs, folder, ppl, method, lr, tokens_per_s=1000.0, states_mib=200):
-    """A run folder with a result.json as the scripts write it (nano, fp32, 100 MiB of weights and gradients)."""
+def fabricate(runs, folder, ppl, method, lr, tokens_per_s=1000.0, states_mib=200, **fields):
+    """A run folder with a result.json as the scripts write it (nano on Shakespeare, fp32, 100 MiB of weights and
+    gradients), with `fields` in it."""
     (runs / folder).mkdir(parents=True)
-    result = {"method": method, "precision": "fp32", "tokens": 4096, "val_ppl": ppl, "val_loss": math.log(ppl),
-              "device": "cpu", "weights_bytes": 100 * 2**20, "grads_bytes": 100 * 2**20,
-              "optimizer_state_bytes": states_mib * 2**20, "buffers_bytes": 0, "tokens_per_s": tokens_per_s,
-              "mfu": None, "lr": lr, "rank": None if method == "full" else 8}
+    result = {"method": method, "dataset": "shakespeare", "vocab_size": 50304, "precision": "fp32", "tokens": 4096,
+              "val_ppl": ppl, "val_loss": math.log(ppl), "device": "cpu", "weights_bytes": 100 * 2**20,
+              "grads_bytes": 100 * 2**20, "optimizer_state_bytes": states_mib * 2**20, "buffers_bytes": 0,
+              "tokens_per_s": tokens_per_s, "mfu": None, "lr": lr, "rank": None if method == "full" else 8, **fields}
     (runs / folder / "result.json").write_text(json.dumps(result))
 
 
@@ -232,10 +234,10 @@ def test_report_compares_rows_beyond_the_seed_spread_and_tabulates_an_lr_sweep(t
     lines = report.summarize(report.load_runs(str(tmp_path)))
     table = report.markdown([], lines, str(tmp_path))
     # memory: weights + gradients + states counted, and over full-rank's; tokens/s over full-rank's
-    assert "| Full-rank AdamW | nano | 0.001 | full | 2 | 4,096 | 101.00 ± 1.41 (min 100.00, max 102.00) " \
-           "| 400.0 (fp32) | 1.00 |" in table
-    assert "| GaLore | nano | 0.01 | 8 | 2 | 4,096 | 90.50 ± 0.71 (min 90.00, max 91.00) | 300.0 (fp32) | 0.75 " \
-           "| 18.5 | - | - | 500 | 0.50 | - |" in table
+    assert "| Full-rank AdamW | nano | shakespeare (GPT-2 tokenizer) | 0.001 | full | 2 | 4,096 " \
+           "| 101.00 ± 1.41 (min 100.00, max 102.00) | 400.0 (fp32) | 1.00 |" in table
+    assert "| GaLore | nano | shakespeare (GPT-2 tokenizer) | 0.01 | 8 | 2 | 4,096 | 90.50 ± 0.71 (min 90.00, " \
+           "max 91.00) | 300.0 (fp32) | 0.75 | 18.5 | - | - | 500 | 0.50 | - |" in table
     assert "| nano | GaLore vs Full-rank AdamW | 90.50 ± 0.71 | 101.00 ± 1.41 | -10.50 | 2.12 | yes: GaLore lower |" \
            in table
     assert "| nano | Fira vs Full-rank AdamW | 100.50 ± 1.41 | 101.00 ± 1.41 | -0.50 | 2.83 | no |" in table
@@ -249,3 +251,28 @@ def test_report_compares_rows_beyond_the_seed_spread_and_tabulates_an_lr_sweep(t
     assert "| method | lr 1e-3 | lr 3e-3 | lr 1e-2 | best lr |" in sweep
     assert "| Low-rank + restarts | 120.00 | 110.00 | failed | 3e-3 |" in sweep
     assert open(tmp_path / "lr_sweep.md").read() == sweep
+
+
+def test_report_puts_the_papers_numbers_beside_comparable_rows_alone(tmp_path):
+    import report
+    runs, budget = tmp_path / "runs", 10_000 * 512 * 256  # 60m's: the papers' steps x batch x 256 tokens
+    t5 = {"dataset": "c4-t5", "vocab_size": 32000, "sequences": "documents"}
+    fabricate(runs, "galore_mini_s0", 12.0, "galore", 1e-2, dataset="shakespeare-bytes", vocab_size=320)
+    fabricate(runs, "galore_60m_s0", 33.0, "galore", 1e-2, tokens=budget, **t5)
+    fabricate(runs, "fira_60m_s0", 32.0, "fira", 1e-2, tokens=budget, **{**t5, "dataset": "c4", "vocab_size": 50304})
+    fabricate(runs, "full_60m_s0", 40.0, "full", 1e-3, tokens=budget // 10, dataset="c4-t5", vocab_size=32000)
+    table = report.markdown([], report.summarize(report.load_runs(str(tmp_path))), str(tmp_path))
+    assert "| GaLore | mini | shakespeare-bytes (byte-level tokenizer) | 0.01 | 8 | 1 | 4,096 | 12.00 |" in table
+    assert "| GaLore | mini | shakespeare-bytes (byte-level tokenizer) | 12.00 | 4,096 | not comparable: size mini, " \
+           "the papers report 60m, 130m, 350m, 1b; corpus shakespeare, the papers' is C4; byte-level tokenizer, the " \
+           "papers' is T5's; packed windows, the papers' are documents | | |" in table
+    ours = "| GaLore | 60m | c4-t5 (T5 tokenizer) | 33.00 | 1,310,720,000 |"
+    assert f"{ours} 34.88 | 0.24 | GaLore Table 2 |" in table
+    assert f"{ours} 34.58 | 0.28 | companion paper (arXiv 2506.16659) table |" in table
+    assert "| Fira | 60m | c4 (GPT-2 tokenizer) | 32.00 | 1,310,720,000 | not comparable: GPT-2 tokenizer, the " \
+           "papers' is T5's | | |" in table
+    # a result without "sequences" was written before documents existed: packed windows
+    assert "| Full-rank AdamW | 60m | c4-t5 (T5 tokenizer) | 40.00 | 131,072,000 | not comparable: 10% of the " \
+           "papers' budget; packed windows, the papers' are documents | | |" in table
+    assert "| 34.06 |" not in table and "| 30.05 |" not in table  # full-rank's numbers, at 60m
+    assert table.count("| not comparable: ") == 3
