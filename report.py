@@ -107,7 +107,7 @@ def result_row(r, size):
     # results written before a run recorded its dataset have none; before documents, every run packed windows
     row = dict(status="ok", dataset=r.get("dataset"), vocab_size=r.get("vocab_size"),
                sequences=r.get("sequences", "windows"), rank=r.get("rank"), lr=r.get("lr"), precision=r["precision"],
-               tokens=r["tokens"],
+               tokens=r["tokens"], steps=r.get("steps"),
                val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
                weights_mib=r["weights_bytes"] / mib, grads_mib=r["grads_bytes"] / mib,
                states_mib=r["optimizer_state_bytes"] / mib, buffers_mib=r["buffers_bytes"] / mib,
@@ -164,7 +164,8 @@ def dataset_cell(run):
     """A run's dataset and its tokenizer, as c4-t5 (T5 tokenizer)."""
     if run["dataset"] is None:
         return "not recorded"
-    return f"{run['dataset']} ({TOKENIZER_NAMES[corpus_and_tokenizer(run['dataset'])[1]]} tokenizer)"
+    tokenizer = corpus_and_tokenizer(run["dataset"])[1]
+    return f"{run['dataset']} ({TOKENIZER_NAMES.get(tokenizer, tokenizer)} tokenizer)"
 
 
 def not_comparable(line):
@@ -179,6 +180,8 @@ def not_comparable(line):
         budget = RECIPES[size].steps * RECIPES[size].batch * SEQ_LEN
         if run["tokens"] != budget:
             reasons.append(f"{100 * run['tokens'] / budget:.3g}% of the papers' budget")
+        elif run["steps"] != RECIPES[size].steps:  # their tokens in other steps (another batch or sequence length)
+            reasons.append(f"{run['steps']:,} steps, the papers' are {RECIPES[size].steps:,}")
     if run["dataset"] is None:
         reasons.append("dataset not recorded")
     else:
@@ -186,7 +189,7 @@ def not_comparable(line):
         if corpus != "c4":
             reasons.append(f"corpus {corpus}, the papers' is C4")
         if tokenizer != "t5":
-            reasons.append(f"{TOKENIZER_NAMES[tokenizer]} tokenizer, the papers' is T5's")
+            reasons.append(f"{TOKENIZER_NAMES.get(tokenizer, tokenizer)} tokenizer, the papers' is T5's")
         elif run["vocab_size"] != 32_000:
             reasons.append(f"vocabulary {run['vocab_size']}, the papers' is 32,000")
     if run["sequences"] != "documents":
