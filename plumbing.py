@@ -220,15 +220,18 @@ def load_data(args, master, ddp):
     if args.sequences == "documents":
         eot = END_OF_TEXT[read_meta(dataset_dir(args.dataset)).get("tokenizer", "gpt2")]
         tokens = {split: Documents(tokens[split], eot, split) for split in tokens}
-        split = int(tokens["val"].targets(args.seq_len).sum())  # the scored tokens of its sequences
-    else:
-        split = len(tokens["val"]) - 1  # the targets of windows read from it
+    split = split_targets(tokens["val"], args)
     if args.val_tokens and args.val_tokens > split:
         sys.exit(f"error: --val-tokens {args.val_tokens:,} is more than the validation split of {args.dataset} "
                  f"holds ({split:,} tokens)")
     if args.sequences == "documents":
         return tokens, val_documents(tokens["val"], args.seq_len, n_val), vocab_size(args.dataset)
     return tokens, val_windows(tokens["val"], args.seq_len, n_val), vocab_size(args.dataset)
+
+
+def split_targets(split, args):
+    """The tokens a split can score: its documents' (their sequences' scored tokens), or its windows' targets."""
+    return int(split.targets(args.seq_len).sum()) if args.sequences == "documents" else len(split) - 1
 
 
 def new_model(cfg, args, device, param_dtype):
@@ -259,7 +262,7 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
     """The banner: what the run will do, before it does it."""
     counts, tokens_per_step = param_counts(model), args.global_batch * args.seq_len
     scored = val_scored(val)
-    whole = not args.val_tokens and RECIPES[args.size].val_tokens > scored  # the default, capped at the split
+    whole = not args.val_tokens and RECIPES[args.size].val_tokens > split_targets(tokens["val"], args)  # capped
     estimate = estimate_bytes(args.size, method, precision, hparams, model.cfg.vocab_size)
     print(f"{run} | size {args.size}, vocabulary {model.cfg.vocab_size:,}: {counts['total']:,} parameters "
           f"({counts['embedding']:,} embedding + head), "
