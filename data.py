@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import SEQ_LEN
+from model import IGNORE, SEQ_LEN
 
 DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 SPLITS = ("train", "val")
@@ -159,8 +159,9 @@ class T5Tokenizer:
         return self.tokenizer.decode(ids)
 
 
-# the name a dataset records -> its tokenizer
+# the name a dataset records -> its tokenizer, and its end-of-text id (without loading the tokenizer's files)
 TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer, "t5": T5Tokenizer}
+END_OF_TEXT = {"gpt2": 50256, "bytes": ByteTokenizer.eot_token, "t5": T5Tokenizer.eot_token}
 
 
 # -----------------------------------------------------------------------------
@@ -565,13 +566,66 @@ def load_tokens(name, seq_len=None):
 # -----------------------------------------------------------------------------
 # batches and the fixed validation set
 
-def get_batch(tokens, micro_batch, seq_len, seed):
-    """micro_batch random windows of seq_len + 1 tokens -> inputs x and next-token targets y, both
-    (micro_batch, seq_len) int64.
+class Documents:
+    """A split as the papers' sequences (--sequences documents): each document is one sequence, its first
+    seq_len - 1 text ids and the end-of-text id, padded to seq_len, as the official pipelines build them (the
+    tokenizer's truncation keeps the </s>). A document is the ids up to and including an end-of-text id; a split's
+    tail without one (the 90/10 cut of a local corpus falls inside a document) is one too, and a document without a
+    text id (no target) is none."""
 
-    The offsets depend only on `seed`: the training loop passes one built from (run seed, step,
-    micro step, rank), so every method sees the same batches and a resumed run the same as a straight one.
+    def __init__(self, tokens, eot, split):
+        ends = np.concatenate([np.flatnonzero(tokens[i:i + 2**26] == eot) + i  # in chunks: a 13B-token split
+                               for i in range(0, len(tokens), 2**26)] + [np.zeros(0, np.int64)])
+        if len(tokens) and (not len(ends) or ends[-1] != len(tokens) - 1):
+            ends = np.append(ends, len(tokens))  # the tail: its text runs to the split's end
+        starts = np.concatenate([[0], ends[:-1] + 1])[:len(ends)]
+        keep = ends > starts
+        self.tokens, self.eot, self.starts, self.ends = tokens, eot, starts[keep], ends[keep]
+        if not len(self.starts):
+            sys.exit(f"error: the {split} split has no document (no text before an end-of-text id {eot}): "
+                     "--sequences documents needs some")
+        self.order = (None, None)  # (run seed, epoch) and the permutation of the documents for it
+
+    def __len__(self):
+        return len(self.starts)
+
+    def targets(self, seq_len):
+        """The scored tokens of each document's sequence: its text ids, the first predicting the second, ..., the
+        last the end-of-text id."""
+        return np.minimum(self.ends - self.starts, seq_len - 1)
+
+    def sequences(self, index, seq_len):
+        """Inputs x and targets y (len(index), seq_len) int64 of the documents at index: y is x shifted by one,
+        IGNORE after the end-of-text id; x's pads are end-of-text ids, which no scored position attends to."""
+        x = torch.full((len(index), seq_len), self.eot, dtype=torch.int64)
+        y = torch.full((len(index), seq_len), IGNORE, dtype=torch.int64)
+        for row, d in enumerate(index):
+            n = min(self.ends[d] - self.starts[d], seq_len - 1)
+            x[row, :n] = torch.from_numpy(self.tokens[self.starts[d]:self.starts[d] + n].astype(np.int64))
+            y[row, :n - 1], y[row, n - 1] = x[row, 1:n], self.eot
+        return x, y
+
+    def shuffled(self, run_seed, epoch):
+        """The documents in the order of an epoch: a permutation seeded by (run seed, epoch), kept for the next
+        micro-batch."""
+        if self.order[0] != (run_seed, epoch):
+            self.order = ((run_seed, epoch), np.random.default_rng((run_seed, epoch)).permutation(len(self)))
+        return self.order[1]
+
+
+def get_batch(tokens, micro_batch, seq_len, seed):
+    """Inputs x and next-token targets y, both (micro_batch, seq_len) int64: micro_batch random windows of
+    seq_len + 1 tokens, or of Documents micro_batch sequences.
+
+    They depend only on `seed`: the training loop passes one built from (run seed, step, micro step, rank), so every
+    method sees the same batches and a resumed run the same as a straight one. Documents read it as run seed * 10^9 +
+    the micro-batch's index k and take the sequences k * micro_batch ... of the epochs' permutations, so that a step
+    trains on the same documents however it is split into micro-batches and processes, each document once an epoch.
     """
+    if isinstance(tokens, Documents):
+        run_seed, k = divmod(seed, 10**9)
+        epoch, at = np.divmod(np.arange(k * micro_batch, (k + 1) * micro_batch), len(tokens))
+        return tokens.sequences([tokens.shuffled(run_seed, e)[i] for e, i in zip(epoch, at)], seq_len)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(tokens) - seq_len - 1, (micro_batch,), generator=g).tolist()
     w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
@@ -590,28 +644,44 @@ def val_windows(val_tokens, seq_len, n_tokens):
     return w[:-1].view(n, seq_len), w[1:].view(n, seq_len)
 
 
+def val_documents(docs, seq_len, n_tokens):
+    """The fixed validation set of documents mode: the first documents of val.bin, as many as hold up to n_tokens
+    scored tokens (at least one document), as sequences."""
+    n = max(1, int(np.searchsorted(np.cumsum(docs.targets(seq_len)), n_tokens, side="right")))
+    return docs.sequences(range(min(n, len(docs))), seq_len)
+
+
 @torch.no_grad()
 def evaluate(model, windows, micro_batch, device, autocast):
-    """Mean next-token loss over the whole fixed set (each token weighted once) and its perplexity.
+    """The validation record: the mean next-token loss over the whole fixed set (each scored token weighted once),
+    its perplexity, and the perplexity as the papers' official code averages it (val_ppl_official_style): the
+    mean of the micro-batches' mean losses, divided by their count + 1 (its total_batches starts at 1), which
+    biases the loss low by a factor n / (n + 1).
 
-    Under DDP each rank takes every world_size-th window and the sums are all-reduced.
+    Under DDP each rank takes every world_size-th window and the sums are all-reduced; the official-style loss is
+    each rank's, averaged over the ranks, as the official code's all-gather.
     """
     x_all, y_all = windows
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     idx = torch.arange(rank, len(x_all), world)
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, token count
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, scored tokens, official-style loss
+    n_batches = 0
     was_training = model.training
     model.eval()
     for i in range(0, len(idx), micro_batch):
         x, y = x_all[idx[i:i + micro_batch]].to(device), y_all[idx[i:i + micro_batch]].to(device)
         with autocast:
             _, loss = model(x, y)
-        total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=device, dtype=torch.float64)])
+        scored = (y != IGNORE).sum().double()
+        total[:2] += torch.stack([loss.double() * scored, scored])
+        total[2] += loss.double()
+        n_batches += 1
     model.train(was_training)
+    total[2] /= (n_batches + 1) * world
     if world > 1:
         dist.all_reduce(total)
     mean = (total[0] / total[1]).item()
-    return mean, float(np.exp(mean))
+    return {"val_loss": mean, "val_ppl": float(np.exp(mean)), "val_ppl_official_style": float(np.exp(total[2].item()))}
 
 
 def token_count(text):

@@ -177,42 +177,52 @@ class Llama(nn.Module):
 LOSS_CHUNK = 512  # tokens per chunk of the loss: 512 x 50304 fp32 logits are 103 MB, whatever the micro-batch
 
 
+IGNORE = -100  # the target of a pad, which the loss skips (F.cross_entropy's ignore_index, the papers' label)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean over N tokens of -log softmax(h W^T)[target], one chunk of tokens at a time; the logits are fp32 inside
-    a chunk only (the matmul in the dtype of h and W, as the head's nn.Linear), and the backward recomputes them:
-        dL/dlogits = (softmax(logits) - onehot(target)) / N,  dL/dh = dL/dlogits W,  dL/dW = sum dL/dlogits^T h
-    It saves h and the N log-sum-exps instead of N x V probabilities."""
+    """Mean over the N scored tokens (targets not IGNORE) of -log softmax(h W^T)[target], one chunk of tokens at a
+    time; the logits are fp32 inside a chunk only (the matmul in the dtype of h and W, as the head's nn.Linear), and
+    the backward recomputes them:
+        dL/dlogits = (softmax(logits) - onehot(target)) / N (0 for a pad),  dL/dh = dL/dlogits W,
+        dL/dW = sum dL/dlogits^T h
+    It saves h and the log-sum-exps instead of the probabilities. A batch of pads only has loss 0 (not 0/0): a
+    micro-batch of empty documents adds nothing to the step."""
 
     @staticmethod
     def forward(ctx, h, weight, targets):  # h: (N, d), weight: (V, d), targets: (N,)
+        scored = targets != IGNORE
+        picks = targets.clamp_min(0)  # a pad gathers any column; its loss is multiplied by 0
+        n = scored.sum().clamp_min(1)
         lse = torch.empty(len(h), device=h.device)
         loss = torch.zeros((), device=h.device)
         for i in range(0, len(h), LOSS_CHUNK):
             logits = (h[i:i + LOSS_CHUNK] @ weight.T).float()
             lse[i:i + LOSS_CHUNK] = logits.logsumexp(-1)
-            picked = logits.gather(1, targets[i:i + LOSS_CHUNK, None]).squeeze(1)
-            loss += (lse[i:i + LOSS_CHUNK] - picked).sum()
-        ctx.save_for_backward(h, weight, targets, lse)
-        return loss / len(h)
+            picked = logits.gather(1, picks[i:i + LOSS_CHUNK, None]).squeeze(1)
+            loss += ((lse[i:i + LOSS_CHUNK] - picked) * scored[i:i + LOSS_CHUNK]).sum()
+        ctx.save_for_backward(h, weight, picks, scored, n, lse)
+        return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, targets, lse = ctx.saved_tensors
+        h, weight, picks, scored, n, lse = ctx.saved_tensors
+        row_scale = scored * (grad_loss / n)  # 1/N for a scored token, 0 for a pad
         grad_h = torch.empty_like(h)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # summed over the chunks in fp32
         for i in range(0, len(h), LOSS_CHUNK):
-            hc, tc = h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK]
+            hc, tc = h[i:i + LOSS_CHUNK], picks[i:i + LOSS_CHUNK]
             grad_logits = (hc @ weight.T).float().sub_(lse[i:i + LOSS_CHUNK, None]).exp_()  # softmax, in place
             grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1
-            grad_logits = grad_logits.mul_(grad_loss / len(h)).to(h.dtype)
+            grad_logits = grad_logits.mul_(row_scale[i:i + LOSS_CHUNK, None]).to(h.dtype)
             grad_h[i:i + LOSS_CHUNK] = grad_logits @ weight
             grad_weight += (grad_logits.T @ hc).float()
         return grad_h, grad_weight.to(weight.dtype), None
 
 
 def chunked_cross_entropy(h, weight, targets):
-    """The mean cross-entropy of the logits h W^T against targets, never holding more than LOSS_CHUNK tokens' logits;
-    under autocast the matmuls run in its dtype, as the head's nn.Linear would."""
+    """The mean cross-entropy of the logits h W^T against the targets that are not IGNORE, never holding more than
+    LOSS_CHUNK tokens' logits; under autocast the matmuls run in its dtype, as the head's nn.Linear would."""
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, weight = h.to(dtype), weight.to(dtype)

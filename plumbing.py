@@ -24,9 +24,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import dataset_name, load_tokens, val_windows, vocab_size
-from model import (RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config, memory_report,
-                   method_defaults, micro_batch, param_counts, peak_bf16_flops)
+from data import (END_OF_TEXT, Documents, dataset_dir, dataset_name, load_tokens, read_meta, val_documents,
+                  val_windows, vocab_size)
+from model import (IGNORE, RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config,
+                   memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
 # -----------------------------------------------------------------------------
 # flags
@@ -77,6 +78,10 @@ def shared_parser(doc):
     # data
     add("--dataset", type=dataset_name, default=recipe.dataset, help="prepared dataset under data/ (see data.py)")
     add("--seq-len", type=COUNT, default=SEQ_LEN, help="tokens per training sequence")
+    add("--sequences", choices=["windows", "documents"], default="windows",
+        help="windows: random windows of the packed documents; documents: each document one sequence, truncated "
+             "or padded to --seq-len with the pads out of the loss, for training and validation (the papers' "
+             "official code: compare with their tables in this mode)")
     add("--val-tokens", type=COUNT, default=None,
         help=f"size of the fixed validation set (default: the recipe's {recipe.val_tokens:,} for {size}, or the "
              "whole validation split if it is smaller)")
@@ -200,9 +205,9 @@ def output_paths(args, run):
 
 
 def load_data(args, master, ddp):
-    """(tokens, val, vocabulary): the dataset's token arrays, the fixed validation windows and its tokenizer's
-    vocabulary size. Rank 0 prepares the default corpus if needed, the others wait for it (and stop with rank 0's
-    error line if there is none)."""
+    """(tokens, val, vocabulary): the dataset's splits (token arrays, or data.Documents with --sequences
+    documents), the fixed validation set and its tokenizer's vocabulary size. Rank 0 prepares the default corpus if
+    needed, the others wait for it (and stop with rank 0's error line if there is none)."""
     if master:
         try:
             tokens = load_tokens(args.dataset, args.seq_len)
@@ -211,12 +216,22 @@ def load_data(args, master, ddp):
     meet(ddp)
     if not master:
         tokens = load_tokens(args.dataset, args.seq_len)
-    split = len(tokens["val"]) - 1  # the targets of windows read from it
+    n_val = args.val_tokens or RECIPES[args.size].val_tokens
+    if args.sequences == "documents":
+        eot = END_OF_TEXT[read_meta(dataset_dir(args.dataset)).get("tokenizer", "gpt2")]
+        tokens = {split: Documents(tokens[split], eot, split) for split in tokens}
+    split = split_targets(tokens["val"], args)
     if args.val_tokens and args.val_tokens > split:
         sys.exit(f"error: --val-tokens {args.val_tokens:,} is more than the validation split of {args.dataset} "
                  f"holds ({split:,} tokens)")
-    val = val_windows(tokens["val"], args.seq_len, args.val_tokens or RECIPES[args.size].val_tokens)
-    return tokens, val, vocab_size(args.dataset)
+    if args.sequences == "documents":
+        return tokens, val_documents(tokens["val"], args.seq_len, n_val), vocab_size(args.dataset)
+    return tokens, val_windows(tokens["val"], args.seq_len, n_val), vocab_size(args.dataset)
+
+
+def split_targets(split, args):
+    """The tokens a split can score: its documents' (their sequences' scored tokens), or its windows' targets."""
+    return int(split.targets(args.seq_len).sum()) if args.sequences == "documents" else len(split) - 1
 
 
 def new_model(cfg, args, device, param_dtype):
@@ -246,15 +261,23 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
                micro_batch, accum, max_steps, warmup_steps, eval_every, out_dir):
     """The banner: what the run will do, before it does it."""
     counts, tokens_per_step = param_counts(model), args.global_batch * args.seq_len
-    whole = not args.val_tokens and RECIPES[args.size].val_tokens > len(tokens["val"]) - 1  # the default, capped
+    scored = val_scored(val)
+    whole = not args.val_tokens and RECIPES[args.size].val_tokens > split_targets(tokens["val"], args)  # capped
     estimate = estimate_bytes(args.size, method, precision, hparams, model.cfg.vocab_size)
     print(f"{run} | size {args.size}, vocabulary {model.cfg.vocab_size:,}: {counts['total']:,} parameters "
           f"({counts['embedding']:,} embedding + head), "
           f"{n_flops / 1e6:,.1f} MFLOP per token | {ddp_world} x {device_type} | {precision}")
-    print(f"data: {args.dataset}, {len(tokens['train']):,} training tokens | {args.global_batch} x {args.seq_len} = "
-          f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-batch x {accum} accumulated x {ddp_world} "
-          f"processes) | {max_steps:,} steps = {max_steps * tokens_per_step:,} tokens | warmup {warmup_steps} | "
-          f"eval every {eval_every:,} on {val[0].numel():,} tokens" + (" (the whole validation split)" if whole else ""))
+    train = tokens["train"]
+    if args.sequences == "documents":
+        split, per_step = f"{len(train):,} training documents ({len(train.tokens):,} tokens)", "sequence slots"
+        shape = f"documents, each one sequence of at most {args.seq_len} tokens, pads out of the loss"
+    else:
+        split, per_step, shape = f"{len(train):,} training tokens", "tokens", "random windows of the packed documents"
+    print(f"data: {args.dataset}, {split} | {args.global_batch} x {args.seq_len} = "
+          f"{tokens_per_step:,} {per_step}/step ({micro_batch} per micro-batch x {accum} accumulated x {ddp_world} "
+          f"processes) | {max_steps:,} steps = {max_steps * tokens_per_step:,} {per_step} | warmup {warmup_steps} | "
+          f"eval every {eval_every:,} on {scored:,} tokens" + (" (the whole validation split)" if whole else ""))
+    print(f"sequences: {args.sequences} ({shape})")
     print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
     print(f"memory ({precision}, estimated from shapes): "
           + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
@@ -264,6 +287,11 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
     print(f"results -> {out_dir}/result.json and log.jsonl | checkpoint {out_dir}/ckpt.pt: "
           + ", ".join(every + ["at the end and on SIGTERM or Ctrl-C"])
           + (" (dry run: nothing written)" if args.dry_run else ""))
+
+
+def val_scored(val):
+    """The scored tokens of the fixed validation set (its pads left out)."""
+    return int((val[1] != IGNORE).sum())
 
 
 # -----------------------------------------------------------------------------
@@ -286,13 +314,13 @@ def lr_schedule(step, lr, warmup_steps, max_steps, min_lr_ratio):
 def run_config(args, method, precision, hparams, micro_batch, val, cfg):
     """What a resume must keep: the settings that make it the same run, its schedule (the warmup as given: by
     default a tenth of --max-steps, which a resume may extend), its batches (the micro-batch draws its own
-    windows) and its validation set. A resume may change the rest: --eval-every, --log-every, --ckpt-every,
-    --ckpt-minutes, the device, and --max-steps (up from the checkpoint's step)."""
+    windows; --sequences builds them) and its validation set. A resume may change the rest: --eval-every,
+    --log-every, --ckpt-every, --ckpt-minutes, the device, and --max-steps (up from the checkpoint's step)."""
     return {"method": method, "size": args.size, "vocab_size": cfg.vocab_size, "dataset": args.dataset,
             "seed": args.seed, "seq_len": args.seq_len,
             "global_batch": args.global_batch, "batch_size": micro_batch, "precision": precision,
             "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay,
-            "grad_clip": args.grad_clip, "val_tokens": val[0].numel(), **hparams}
+            "grad_clip": args.grad_clip, "sequences": args.sequences, "val_tokens": val_scored(val), **hparams}
 
 
 def resume(args, ckpt_path, device, config, model, optimizer, max_steps):
@@ -475,9 +503,10 @@ def write_result(out_dir, run, args, method, hparams, record, model, optimizer, 
     mfu = tokens_per_s * n_flops / (peak * ddp_world) if peak and tokens_per_s and precision != "fp32" else None
     tokens = max_steps * args.global_batch * args.seq_len
     result = {"method": method, "run": run, "size": args.size, "vocab_size": model.cfg.vocab_size,
-              "dataset": args.dataset, "seed": args.seed,
+              "dataset": args.dataset, "sequences": args.sequences, "seed": args.seed,
               "steps": max_steps, "tokens": tokens, "val_loss": record["val_loss"],
-              "val_ppl": record["val_ppl"], **memory, "params": param_counts(model), "tokens_per_s": tokens_per_s,
+              "val_ppl": record["val_ppl"], "val_ppl_official_style": record["val_ppl_official_style"],
+              **memory, "params": param_counts(model), "tokens_per_s": tokens_per_s,
               "flops_per_token": n_flops, "mfu": mfu,
               "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
               "world_size": ddp_world, "precision": precision, "micro_batch": micro_batch, "grad_accum": accum,

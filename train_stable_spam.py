@@ -95,7 +95,8 @@ max_steps, warmup_steps, eval_every = setup_steps(args)
 seq_len, tokens_per_step = args.seq_len, args.global_batch * args.seq_len
 run = run_name(args)
 out_dir, ckpt_path = output_paths(args, run)
-# random training windows, the fixed validation set every method shares, the tokenizer's vocabulary size
+# the training split (random windows, or documents: --sequences), the fixed validation set every method shares,
+# the tokenizer's vocabulary size
 tokens, val, vocab_size = load_data(args, master, ddp)
 
 # -----------------------------------------------------------------------------
@@ -282,7 +283,7 @@ for step in bar:
     if grad_norm is not None:
         record["grad_norm"] = grad_norm.item()
     if (step + 1) % eval_every == 0 or last:
-        record["val_loss"], record["val_ppl"] = evaluate(model, val, micro_batch, device, autocast)
+        record.update(evaluate(model, val, micro_batch, device, autocast))
         check_val(record, step)
     if master and ((step + 1) % args.log_every == 0 or "val_loss" in record or method_log):
         last_log = write_log(bar, log, record, stats, last_log)
@@ -297,7 +298,7 @@ for step in bar:
 # results
 
 if "val_loss" not in record:  # a resume of a finished run: evaluate its final weights
-    record["val_loss"], record["val_ppl"] = evaluate(model, val, micro_batch, device, autocast)
+    record.update(evaluate(model, val, micro_batch, device, autocast))
 if master:
     write_result(out_dir, run, args, METHOD, hparams, record, raw_model, optimizer, stats, n_flops, max_steps,
                  precision, device, device_type, ddp_world, micro_batch, accum)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-from model import SIZES, Llama
+from model import IGNORE, SIZES, Llama
 
 
 def test_tokenizer_is_gpt2():
@@ -193,10 +193,34 @@ def test_evaluate_is_the_token_mean_over_the_whole_set(shakespeare):
     torch.manual_seed(0)
     m = Llama(SIZES["nano"])
     x, y = data.val_windows(shakespeare["val"], 32, 7 * 32)
-    # reference: one forward over all 7 windows, summed token losses / token count
+    y = y.clone()  # a view of the same tokens as x
+    y[0, 10:] = y[5, 1:] = IGNORE  # pads, as documents mode's: not scored
+    # reference: one forward over all 7 windows, summed scored token losses / their count
     logits, _ = m(x)
-    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / (y >= 0).sum()
     for B in (2, 3, 7):  # uneven last batches must not change the mean
-        loss, ppl = data.evaluate(m, (x, y), B, "cpu", torch.autocast("cpu", enabled=False))
-        assert loss == pytest.approx(ref.item(), rel=1e-6)
-        assert ppl == pytest.approx(np.exp(ref.item()), rel=1e-6)
+        record = data.evaluate(m, (x, y), B, "cpu", torch.autocast("cpu", enabled=False))
+        assert record["val_loss"] == pytest.approx(ref.item(), rel=1e-6)
+        assert record["val_ppl"] == pytest.approx(np.exp(ref.item()), rel=1e-6)
+    # the official code's: the mean loss of each batch (3, 3 and 1 windows), summed, over the batches + 1
+    means = [torch.nn.functional.cross_entropy(logits[i:i + 3].flatten(0, 1), y[i:i + 3].flatten()) for i in (0, 3, 6)]
+    official = data.evaluate(m, (x, y), 3, "cpu", torch.autocast("cpu", enabled=False))["val_ppl_official_style"]
+    assert official == pytest.approx(np.exp(sum(means).item() / 4), rel=1e-6)
+
+
+def test_documents_are_the_papers_sequences():
+    """Each document one sequence: its first seq_len - 1 text ids and the end-of-text id, padded, pads IGNOREd."""
+    E, P = 256, IGNORE
+    tokens = np.array([1, 2, 3, E, E, 4, 5, 6, 7, 8, 9, E, 10, 11], dtype=np.uint16)  # an empty one; a cut-off tail
+    docs = data.Documents(tokens, E, "train")
+    assert len(docs) == 3 and docs.targets(5).tolist() == [3, 4, 2]
+    x, y = docs.sequences([0, 1, 2], 5)
+    assert x.tolist() == [[1, 2, 3, E, E], [4, 5, 6, 7, E], [10, 11, E, E, E]]
+    assert y.tolist() == [[2, 3, E, P, P], [5, 6, 7, E, P], [11, E, P, P, P]]
+    # a step's documents do not depend on how it is split into micro-batches; each one once an epoch
+    one = data.get_batch(docs, 6, 5, seed=3 * 10**9)[0]
+    two = torch.cat([data.get_batch(docs, 3, 5, seed=3 * 10**9 + k)[0] for k in (0, 1)])
+    assert torch.equal(one, two) and sorted(one[:3, 0].tolist()) == sorted(one[3:, 0].tolist()) == [1, 4, 10]
+    assert not torch.equal(one, data.get_batch(docs, 6, 5, seed=4 * 10**9)[0])  # another run seed, another order
+    # validation: the first documents up to n scored tokens
+    assert data.val_documents(docs, 5, 7)[0].tolist() == x[:2].tolist()

@@ -215,3 +215,29 @@ def test_a_corpus_shorter_than_one_sequence_is_one_line(tmp_path, monkeypatch):
                 "--out-dir", str(tmp_path / "o")], check=False, env={"DATA_DIR": str(tmp_path / "data")})
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: dataset 'text-short.txt' has ") and "fewer than one sequence" in proc.stderr
+
+
+def test_documents_mode_trains_is_recorded_and_a_resume_keeps_it(tmp_path):
+    # a dataset of short documents of letters as bytes, each followed by the end-of-text id 256, written by hand
+    import numpy as np
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data" / "docs"
+    d.mkdir(parents=True)
+    meta = {"tokens": {}, "tokenizer": "bytes", "vocab_size": 257}
+    for split, n in (("train", 300), ("val", 100)):
+        ids = np.concatenate([np.append(rng.integers(97, 123, rng.integers(20, 120)), 256) for _ in range(n)])
+        ids.astype(np.uint16).tofile(d / f"{split}.bin")
+        meta["tokens"][split] = len(ids)
+    (d / "meta.json").write_text(json.dumps(meta))
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    cmd = [sys.executable, "train_full.py", *NANO, "--dataset", "docs", "--out-dir", str(tmp_path), "--lr", "1e-2"]
+    proc = run([*cmd, "--max-steps", "2", "--sequences", "documents"], env=env)
+    assert "sequences: documents (documents, each one sequence of at most 64 tokens" in proc.stdout
+    result = json.load(open(tmp_path / "result.json"))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert result["sequences"] == "documents" and log[1]["loss"] < log[0]["loss"]
+    # the official average over the 9 validation batches (of 8 documents) divides by 10: lower, by about a tenth
+    assert 0.85 < math.log(result["val_ppl_official_style"]) / result["val_loss"] < 0.95
+    proc = run([*cmd, "--max-steps", "4", "--resume"], check=False, env=env)
+    assert error_of(proc).startswith(f"error: --resume with sequences windows, but {tmp_path}/ckpt.pt was trained "
+                                     "with sequences documents")

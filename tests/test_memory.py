@@ -35,10 +35,12 @@ def batch(monkeypatch):
     monkeypatch.setattr(model_py, "LOSS_CHUNK", CHUNK)
     g = torch.Generator().manual_seed(1)
     idx, y = torch.randint(0, SMALL.vocab_size, (2, 3, 50), generator=g)  # two full chunks and a part of one
+    y[0, 20:] = y[2, 45:] = model_py.IGNORE  # the pads of documents mode: a document's tail, inside chunks
     return idx, y
 
 
 def test_chunked_loss_matches_the_full_logits_in_fp32_and_bf16(batch):
+    """Against F.cross_entropy, whose ignore_index is IGNORE: the mean over the scored tokens, no gradient from pads."""
     torch.manual_seed(0)
     model = Llama(SMALL)
     full_loss, truth = loss_and_grads(model, *batch, chunked=False)
@@ -58,6 +60,11 @@ def test_chunked_loss_matches_the_full_logits_in_fp32_and_bf16(batch):
         scale = truth[n].abs().max()
         err_full, err_chunked = ((g[n] - truth[n]).abs().max() / scale for g in (bf16, grads))
         assert err_chunked <= 1.5 * err_full + 1e-3 and err_chunked < 0.02, n
+    # a batch of pads only: loss 0 and no gradient, where F.cross_entropy gives 0/0
+    h = torch.randn(4, 8, requires_grad=True)
+    loss = model_py.ChunkedCrossEntropy.apply(h, torch.randn(16, 8), torch.full((4,), model_py.IGNORE))
+    loss.backward()
+    assert loss.item() == 0 and not h.grad.any()
 
 
 def saved_bytes_and_grads(model, idx):
