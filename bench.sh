@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sweep sizes x methods x seeds and collect perplexity, memory and speed into one table.
 #
-#   bash bench.sh                        # GPU: 60m 130m 350m (+1b with >= 70 GiB) on C4 at 10% of the papers' steps
+#   bash bench.sh                        # GPU: 60m 130m 350m (+1b with >= 70 GiB) on C4 at 10% of the papers' steps,
+#                                        # T5 tokens, a sequence per document, as the papers (python data.py c4
+#                                        # --tokenizer t5 first)
 #                                        # CPU: mini on the embedded Shakespeare as UTF-8 bytes (its recipe)
 #   bash bench.sh --budget 0.05          # 5% of the papers' steps
 #   bash bench.sh --max-steps 20         # a fixed number of steps for every run
@@ -12,6 +14,7 @@
 #   OUT=results/2026-11-25-cpu bash bench.sh   # resume a sweep: finished runs with the same settings are skipped,
 #                                              # unfinished ones (a ckpt.pt, no result.json) continue with --resume
 #   LR=1e-2 bash bench.sh                # one learning rate for every method
+#   SEQUENCES=documents bash bench.sh    # a sequence per document (the GPU default) or windows (the CPU default)
 #   LRS="1e-3 3e-3 1e-2 3e-2" SEEDS=0 bash bench.sh   # the lr sweep (not the default): every row at every lr
 #   DEVICES="cuda:0 cuda:1" bash bench.sh              # the queue's devices (default: every GPU, or cpu)
 #
@@ -74,13 +77,15 @@ if [ "$GPUS" -gt 0 ]; then
     DEVICE=$(echo "$GPU_NAME" | tr 'A-Z ' 'a-z-')
     DEFAULT_SIZES="60m 130m 350m"
     [ "$GPU_MEM" -ge 70 ] && DEFAULT_SIZES="$DEFAULT_SIZES 1b"
-    DEFAULT_DATASET=c4
+    DEFAULT_DATASET=c4-t5  # the papers' corpus and tokenizer, one sequence per document as theirs
+    DEFAULT_SEQUENCES=documents
     BUDGET=${BUDGET:-0.1}
     DEFAULT_DEVICES=$(seq -s ' ' -f 'cuda:%g' 0 $((GPUS - 1)))
 else
     DEVICE=cpu
     DEFAULT_SIZES="mini"
     DEFAULT_DATASET=shakespeare-bytes
+    DEFAULT_SEQUENCES=windows
     DEFAULT_DEVICES=cpu
 fi
 EXTRA=()
@@ -88,6 +93,7 @@ GLOBAL_BATCH=0  # the recipe's
 if [ "$SMOKE" = 1 ]; then  # every method once, quickly, on the embedded corpus: a check, not a benchmark
     DEFAULT_SIZES="60m"
     DEFAULT_DATASET=shakespeare
+    DEFAULT_SEQUENCES=windows
     STEPS=${STEPS:-100}
     GLOBAL_BATCH=128
     # one validation, at the end: the sweep's time is training
@@ -96,6 +102,7 @@ if [ "$SMOKE" = 1 ]; then  # every method once, quickly, on the embedded corpus:
 fi
 SIZES=${SIZES:-$DEFAULT_SIZES}
 DATASET=${DATASET:-$DEFAULT_DATASET}
+SEQUENCES=${SEQUENCES:-$DEFAULT_SEQUENCES}
 METHODS=${METHODS:-$(python -c "import model; print(' '.join(model.BENCH_ROWS))")}
 SEEDS=${SEEDS:-0}
 LRS=${LRS:-}
@@ -107,6 +114,11 @@ elif [ -n "$BUDGET" ]; then
     EXTRA+=(--budget "$BUDGET")
 fi
 [ -n "${LR:-}" ] && EXTRA+=(--lr "$LR")
+case "$SEQUENCES" in
+    windows) ;;  # the scripts' default: not named, so the commands of earlier sweeps stay the same
+    documents) EXTRA+=(--sequences documents) ;;
+    *) echo "error: SEQUENCES must be windows or documents, got '$SEQUENCES'" >&2; exit 2 ;;
+esac
 if [ -n "$LRS" ] && [ -n "${LR:-}" ]; then
     echo "error: LR and LRS are both set; LR is one lr for every run, LRS a sweep over several" >&2
     exit 2
