@@ -6,6 +6,7 @@
 #                                        # --tokenizer t5 first)
 #                                        # CPU: mini on the embedded Shakespeare as UTF-8 bytes (its recipe)
 #   bash bench.sh --budget 0.05          # 5% of the papers' steps
+#   bash bench.sh --paper                # the papers' full budgets (--budget 1): read the plan's GPU-hours first
 #   bash bench.sh --max-steps 20         # a fixed number of steps for every run
 #   bash bench.sh --smoke                # GPU smoke sweep: every method at 60m, 100 steps of 128 x 256 tokens
 #   bash bench.sh --dry-run              # print the plan and the runs, run nothing
@@ -58,6 +59,7 @@ DRY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) BUDGET="$2"; shift 2 ;;
+        --paper) BUDGET=1; shift ;;
         --max-steps) STEPS="$2"; shift 2 ;;
         --smoke) SMOKE=1; shift ;;
         --dry-run) DRY=1; shift ;;

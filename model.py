@@ -521,7 +521,9 @@ def bench_plan(rows, sizes, runs, max_steps, budget, global_batch, gpu_name, gpu
             longest = max(longest, per_token * tokens)
         total += flops
         n = len(rows) * runs
-        line = f"{size}: {n} run{'s' * (n != 1)} of {steps:,} steps, {tokens:,} tokens each, {flops:.2e} FLOPs"
+        share = "" if steps == recipe.steps else f" ({steps / recipe.steps:.3g}x the recipe's {recipe.steps:,})"
+        line = (f"{size}: {n} run{'s' * (n != 1)} of {steps:,} steps{share}, {tokens:,} tokens each, "
+                f"{flops:.2e} FLOPs")
         lines.append(line + (f", {flops / (PLAN_MFU * peak) / 3600:,.2f} GPU-hours" if peak else ""))
     if peak:
         wall = max(total / gpus, longest) / (PLAN_MFU * peak) / 3600  # the longest run, if it is the bound

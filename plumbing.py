@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import (END_OF_TEXT, Documents, dataset_dir, dataset_name, load_tokens, read_meta, val_documents,
                   val_windows, vocab_size)
-from model import (IGNORE, RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config,
+from model import (IGNORE, PLAN_MFU, RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config,
                    memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
 # -----------------------------------------------------------------------------
@@ -278,6 +278,12 @@ def print_plan(run, args, method, hparams, model, n_flops, precision, device_typ
           f"processes) | {max_steps:,} steps = {max_steps * tokens_per_step:,} {per_step} | warmup {warmup_steps} | "
           f"eval every {eval_every:,} on {scored:,} tokens" + (" (the whole validation split)" if whole else ""))
     print(f"sequences: {args.sequences} ({shape})")
+    recipe, flops = RECIPES[args.size], n_flops * max_steps * tokens_per_step
+    share = "" if max_steps == recipe.steps else f" ({max_steps / recipe.steps:.3g}x the recipe's {recipe.steps:,})"
+    peak = peak_bf16_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
+    print(f"compute: {max_steps:,} steps{share}, {flops:.3g} model FLOPs" + (
+        f", {flops / (PLAN_MFU * peak * 3600):,.2f} GPU-hours at {PLAN_MFU:.0%} MFU of this GPU's bf16 peak "
+        f"({flops / (PLAN_MFU * peak * 3600 * ddp_world):,.2f} h on {ddp_world})" if peak else ""))
     print("method: " + ", ".join(f"{k} {v}" for k, v in hparams.items()))
     print(f"memory ({precision}, estimated from shapes): "
           + " + ".join(f"{k.replace('_bytes', '').replace('_', ' ')} {v / 2**20:,.1f} MiB"
