@@ -30,6 +30,53 @@ def run(cmd, check=True, timeout=600, env=None):
     return proc
 
 
+# python's command line, many times from one process that has imported torch (2-3 s of every process here): each
+# command runs in a child forked from it, with its own stdout, stderr and exit status, as `python ARGS` would
+EACH = """import json, os, runpy, sys, tempfile, traceback
+sys.path.insert(0, os.getcwd())
+import plumbing  # and torch, model and data, which every script imports
+done = []
+for argv in json.loads(sys.argv[1]):
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        code = 0
+        try:
+            if argv[0] == "-c":
+                sys.argv = argv[1:]
+                sys.argv[0] = "-c"
+                exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                sys.argv = argv
+                runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:  # as the interpreter exits
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    out.seek(0)
+    err.seek(0)
+    done.append([code, out.read(), err.read()])
+print(json.dumps(done))
+"""
+
+
+def run_each(commands, env=None):
+    """Each command (the arguments of python) as `python *command` in the repo root would run it, in order, from
+    one process; returns a CompletedProcess per command."""
+    procs = json.loads(run([sys.executable, "-c", EACH, json.dumps(commands)], env=env).stdout)
+    return [subprocess.CompletedProcess([sys.executable, *c], *p) for c, p in zip(commands, procs)]
+
+
 def torchrun(script, out_dir, *args):
     """Run script as 2 CPU processes under torchrun; returns the CompletedProcess, which must have exited 0."""
     return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", script, *args,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_CPU, NANO, ROOT, SCRIPTS, error_of, run, torchrun, train
+from conftest import FAST_CPU, NANO, ROOT, SCRIPTS, error_of, run, run_each, torchrun, train
 
 
 def test_full_galore_and_fira_see_the_same_first_batch(tmp_path, shakespeare):
@@ -180,27 +180,42 @@ BAD_INPUT = [
 ]
 
 
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, shakespeare):
+    """The commands of this module that stop before training, from one process (run_each): every BAD_INPUT (those
+    naming a --dataset over an empty data folder, where no prepared dataset can hide the error), the rank the
+    hint names, a run into an unwritable --out-dir. {(script, *flags): (process, its --out-dir)}."""
+    root = tmp_path_factory.mktemp("stopped")
+    (root / "file").write_text("")
+    cases = [(script, flags, root / str(i)) for i, (script, flags, _) in enumerate(BAD_INPUT)]
+    cases += [("train_galore.py", ["--rank", "21", "--dry-run"], root / "plan"),
+              ("train_full.py", ["--max-steps", "1"], root / "file" / "o")]
+    done = {}
+    for dataset in (False, True):
+        these = [case for case in cases if ("--dataset" in case[1]) == dataset]
+        procs = run_each([[script, *NANO, *flags, "--out-dir", str(out)] for script, flags, out in these],
+                         env={"DATA_DIR": str(root / "data")} if dataset else None)
+        done.update({(script, *flags): (proc, out) for (script, flags, out), proc in zip(these, procs)})
+    return done
+
+
 @pytest.mark.parametrize("script,flags,message", BAD_INPUT, ids=[" ".join(c[1]) for c in BAD_INPUT])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, script, flags, message):
-    out = tmp_path / "out"
-    proc = run([sys.executable, script, *NANO, *flags, "--out-dir", str(out)], check=False,
-               env={"DATA_DIR": str(tmp_path / "data")} if "--dataset" in flags else None)
+def test_bad_input_is_one_line_and_writes_nothing(stopped, script, flags, message):
+    proc, out = stopped[(script, *flags)]
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
     assert not out.exists()
 
 
-def test_the_largest_rank_the_hint_names_is_accepted(shakespeare):
-    plan = run([sys.executable, "train_galore.py", *NANO, "--rank", "21", "--dry-run"]).stdout
-    assert "rank 21," in plan
+def test_the_largest_rank_the_hint_names_is_accepted(stopped):
+    proc, out = stopped[("train_galore.py", "--rank", "21", "--dry-run")]
+    assert proc.returncode == 0 and "rank 21," in proc.stdout and not out.exists()
 
 
-def test_an_unwritable_out_dir_is_one_line(tmp_path, shakespeare):
-    (tmp_path / "file").write_text("")
-    proc = run([sys.executable, "train_full.py", *NANO, "--max-steps", "1", "--out-dir", str(tmp_path / "file" / "o")],
-               check=False)
+def test_an_unwritable_out_dir_is_one_line(stopped):
+    proc, out = stopped[("train_full.py", "--max-steps", "1")]
     assert proc.returncode != 0
-    assert proc.stderr == f"error: cannot write to --out-dir {tmp_path}/file/o: Not a directory\n"
+    assert proc.stderr == f"error: cannot write to --out-dir {out}: Not a directory\n"
 
 
 def test_a_corpus_shorter_than_one_sequence_is_one_line(tmp_path, monkeypatch):
