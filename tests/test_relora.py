@@ -9,13 +9,12 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import (NANO, official_cyclical_cosine, scheduler_lrs, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun,
+from conftest import (FAST, NANO, official_cyclical_cosine, scheduler_lrs, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun,
                       train, warmup_cosine_lr)
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
 ns = definitions("train_relora.py")
 LoRALinear, prune_state, set_phase = ns["LoRALinear"], ns["prune_state"], ns["set_phase"]
-FAST = ["--seq-len", "16", "--val-tokens", "256"]  # nano runs of a few steps cost little at 16 tokens a sequence
 
 
 def lora_nano(r=8, alpha=32, seed=0):
