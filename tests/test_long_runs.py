@@ -170,8 +170,8 @@ def test_a_resume_refuses_what_changes_the_run(shakespeare, straight, monkeypatc
 def test_a_resume_allows_what_leaves_the_run_as_it_was(tmp_path, shakespeare, straight):
     _, log, out = straight("train_full.py")
     shutil.copytree(out, tmp_path / "run")
-    _, extended, _ = train("train_full.py", tmp_path / "run", *FAST, "--max-steps", "6", "--resume", "--eval-every", "1",
-                           "--log-every", "2", "--ckpt-every", "5", "--ckpt-minutes", "1")
+    _, extended, _ = train("train_full.py", tmp_path / "run", *FAST, "--max-steps", "6", "--resume", "--eval-every",
+                           "1", "--log-every", "2", "--ckpt-every", "5", "--ckpt-minutes", "1")
     assert extended[:4] == log and [r["step"] for r in extended[4:]] == [5, 6]
     assert all("val_loss" in r for r in extended[4:])
 
