@@ -13,6 +13,8 @@ SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "trai
 
 # a nano run that takes a couple of seconds on CPU
 NANO = ["--size", "nano", "--device", "cpu", "--seq-len", "64", "--val-tokens", "4096", "--log-every", "1"]
+# nano runs of a few steps cost little at 16 tokens a sequence
+FAST = ["--seq-len", "16", "--val-tokens", "256"]
 
 
 # glibc otherwise mmaps (and page-faults in) every allocation above 32 MiB afresh each step: 2x slower on CPU;
@@ -28,6 +30,57 @@ def run(cmd, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+# python's command line, many times from one process that has imported torch (2-3 s of every process here): each
+# command runs in a child forked from it, with its own stdout, stderr and exit status, as `python ARGS` would
+EACH = """import json, os, runpy, sys, tempfile, traceback
+sys.path.insert(0, os.getcwd())
+import plumbing  # and torch, model and data, which every script imports
+done = []
+for argv in json.loads(sys.argv[1]):
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        code = 0
+        try:
+            if argv[0] == "-c":
+                sys.argv = argv[1:]
+                sys.argv[0] = "-c"
+                exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                sys.argv = argv
+                runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:  # as the interpreter exits
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    out.seek(0)
+    err.seek(0)
+    done.append([code, out.read(), err.read()])
+print(json.dumps(done))
+"""
+
+
+def run_each(commands, check=True, env=None):
+    """Each command (the arguments of python) as `python *command` in the repo root would run it, in order, from
+    one process; returns a CompletedProcess per command (with check, each must have exited 0)."""
+    procs = json.loads(run([sys.executable, "-c", EACH, json.dumps(commands)], env=env).stdout)
+    procs = [subprocess.CompletedProcess([sys.executable, *c], *p) for c, p in zip(commands, procs)]
+    for proc in procs if check else []:
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return procs
 
 
 def torchrun(script, out_dir, *args):
@@ -47,10 +100,15 @@ def error_of(proc):
 def train(script, out_dir, *extra, check=True):
     """Run a train_*.py script on nano; returns (result dict or None, log records, process)."""
     proc = run([sys.executable, script, *NANO, "--out-dir", str(out_dir), *extra], check=check)
+    return (*outputs(out_dir), proc)
+
+
+def outputs(out_dir):
+    """(result dict or None, log records) of the run in out_dir."""
     result_path, log_path = os.path.join(out_dir, "result.json"), os.path.join(out_dir, "log.jsonl")
     result = json.load(open(result_path)) if os.path.exists(result_path) else None
     log = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
-    return result, log, proc
+    return result, log
 
 
 def assert_resume_is_exact(script, tmp_path, *extra, steps=8):

@@ -8,51 +8,63 @@ import sys
 import pytest
 import torch
 
-from conftest import FAST_CPU, NANO, ROOT, SCRIPTS, error_of, run, torchrun, train
+from conftest import FAST, FAST_CPU, NANO, ROOT, SCRIPTS, error_of, outputs, run, run_each, torchrun, train
 
 
 def test_full_galore_and_fira_see_the_same_first_batch(tmp_path, shakespeare):
     # same seed -> same initial weights and the same first batch, so the loss before any update is identical
-    losses = [train(script, tmp_path / script, "--max-steps", "1")[1][0]["loss"]
-              for script in ("train_full.py", "train_galore.py", "train_fira.py")]
+    scripts = ("train_full.py", "train_galore.py", "train_fira.py")
+    run_each([[script, *NANO, *FAST, "--max-steps", "1", "--out-dir", str(tmp_path / script)] for script in scripts])
+    losses = [outputs(tmp_path / script)[1][0]["loss"] for script in scripts]
     assert losses[0] == losses[1] == losses[2]
 
 
 # Fira's and Stable-SPAM's steps, like GaLore's and AdamW's, are functions of the all-reduced gradient alone
 DDP_SCRIPTS = [s for s in SCRIPTS if s not in ("train_fira.py", "train_stable_spam.py")]
+# 2 processes x micro-batch 8, or 1 process accumulating 2 micro-batches of 8
+DDP_RUN = [*NANO, *FAST, "--max-steps", "2", "--global-batch", "16", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, shakespeare):
+    """The folder of each DDP_SCRIPTS run of DDP_RUN in one process, all from one process (run_each)."""
+    root = tmp_path_factory.mktemp("one")
+    run_each([[script, *DDP_RUN, "--out-dir", str(root / script)] for script in DDP_SCRIPTS])
+    return root
 
 
 @pytest.mark.parametrize("script", DDP_SCRIPTS)
-def test_ddp_processes_draw_different_batches(tmp_path, shakespeare, script):
-    # 2 processes x micro-batch 8 draw what 1 process accumulating 2 micro-batches of 8 draws: the same losses
-    # (up to the order of float sums); if both processes drew the same batch, the loss would differ
-    common = [*NANO, "--max-steps", "2", "--global-batch", "16", "--batch-size", "8"]
-    proc = torchrun(script, tmp_path / "ddp", *common)
+def test_ddp_processes_draw_different_batches(tmp_path, one_process, script):
+    # 2 processes draw what 1 process accumulating 2 micro-batches draws: the same losses (up to the order of float
+    # sums); if both processes drew the same batch, the loss would differ
+    proc = torchrun(script, tmp_path, *DDP_RUN)
     assert proc.stdout.count("val loss") == 1  # only rank 0 reports
-    run([sys.executable, script, *common, "--out-dir", str(tmp_path / "one")])
-    ddp, one = ([json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in ("ddp", "one"))
+    (ddp_result, ddp), (one_result, one) = outputs(tmp_path), outputs(one_process / script)
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-    ddp_result, one_result = (json.load(open(tmp_path / d / "result.json")) for d in ("ddp", "one"))
-    assert ddp_result["tokens"] == one_result["tokens"] == 2 * 16 * 64 and ddp_result["world_size"] == 2
+    assert ddp_result["tokens"] == one_result["tokens"] == 2 * 16 * 16 and ddp_result["world_size"] == 2
     assert (ddp_result["grad_accum"], one_result["grad_accum"]) == (1, 2)
 
 
 def test_resume_refuses_changed_method_settings(tmp_path, shakespeare):
-    train("train_galore.py", tmp_path, "--max-steps", "2", "--ckpt-every", "2")
-    for flag, value, message in [("--rank", "4", "rank 4, but"), ("--update-proj-gap", "7", "update_proj_gap 7, but"),
-                                 ("--precision", "bf16", "precision bf16, but")]:
-        _, _, proc = train("train_galore.py", tmp_path, "--max-steps", "4", "--resume", flag, value, check=False)
+    changes = [("--rank", "4", "rank 4, but"), ("--update-proj-gap", "7", "update_proj_gap 7, but"),
+               ("--precision", "bf16", "precision bf16, but")]
+    args = ["--out-dir", str(tmp_path), *NANO, *FAST, "--max-steps"]
+    resume = [*args, "4", "--resume"]
+    first, *refused, fira = run_each([["train_galore.py", *args, "2", "--ckpt-every", "2"],
+                                      *[["train_galore.py", *resume, flag, value] for flag, value, _ in changes],
+                                      ["train_fira.py", *resume]], check=False)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for proc, (_, _, message) in zip(refused, changes):
         assert proc.returncode != 0 and proc.stderr.count("\n") == 1
         assert proc.stderr.startswith(f"error: --resume with {message} {tmp_path}/ckpt.pt was trained with")
     # a failed resume leaves the log as it was
     assert len(open(tmp_path / "log.jsonl").readlines()) == 2
-    _, _, proc = train("train_fira.py", tmp_path, "--max-steps", "4", "--resume", check=False)
-    assert proc.stderr.startswith("error: --resume with method fira, but")
+    assert fira.stderr.startswith("error: --resume with method fira, but")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_divergence_is_an_error_and_writes_nothing(tmp_path, shakespeare, precision):
-    _, _, proc = train("train_full.py", tmp_path, "--max-steps", "1", "--lr", "1e30", "--ckpt-every", "1",
+    _, _, proc = train("train_full.py", tmp_path, *FAST, "--max-steps", "1", "--lr", "1e30", "--ckpt-every", "1",
                        "--precision", precision, check=False)
     assert "training diverged" in error_of(proc)
     assert not (tmp_path / "result.json").exists() and not (tmp_path / "ckpt.pt").exists()
@@ -67,7 +79,7 @@ def test_divergence_at_a_refresh_or_restart_is_the_divergence_line(tmp_path, sha
     """The method acting every step at a divergent lr: the decompositions meet the non-finite gradient (GaLore's,
     inside backward with --per-layer) or overflowing factors; each projector and script in test_projectors.py and
     test_lowrank_refactor.py. What was written before is finite."""
-    _, log, proc = train(script, tmp_path, "--seq-len", "16", "--val-tokens", "256", "--max-steps", "4", "--lr", "1e20",
+    _, log, proc = train(script, tmp_path, *FAST, "--max-steps", "4", "--lr", "1e20",
                          "--warmup-steps", "0", "--ckpt-every", "1", *flags, check=False)
     assert error_of(proc) == message and not (tmp_path / "result.json").exists()
     assert all(math.isfinite(r["loss"]) for r in log)
@@ -76,17 +88,17 @@ def test_divergence_at_a_refresh_or_restart_is_the_divergence_line(tmp_path, sha
 
 
 def test_a_resumed_finished_run_writes_its_result(tmp_path, shakespeare):
-    first, _, _ = train("train_full.py", tmp_path, "--max-steps", "3", "--ckpt-every", "3")
+    first, _, _ = train("train_full.py", tmp_path, *FAST, "--max-steps", "3", "--ckpt-every", "3")
     os.remove(tmp_path / "result.json")
-    again, log, _ = train("train_full.py", tmp_path, "--max-steps", "3", "--resume")
+    again, log, _ = train("train_full.py", tmp_path, *FAST, "--max-steps", "3", "--resume")
     assert again["val_loss"] == first["val_loss"] and again["tokens_per_s"] == first["tokens_per_s"]
     assert [r["step"] for r in log] == [1, 2, 3]
 
 
 def test_a_run_never_replaces_another_runs_results(tmp_path, shakespeare):
-    train("train_full.py", tmp_path, "--max-steps", "1")
+    train("train_full.py", tmp_path, *FAST, "--max-steps", "1")
     before = open(tmp_path / "result.json").read()
-    _, _, proc = train("train_full.py", tmp_path, "--max-steps", "2", check=False)
+    _, _, proc = train("train_full.py", tmp_path, *FAST, "--max-steps", "2", check=False)
     assert proc.returncode != 0 and proc.stderr == f"error: {tmp_path} holds an earlier run; --resume it or choose " \
                                                    f"another --out-dir\n"
     assert open(tmp_path / "result.json").read() == before
@@ -113,7 +125,7 @@ def bad_checkpoint(tmp_path, kind):
     elif kind == "foreign":
         torch.save({"weights": torch.zeros(3)}, ckpt)
     else:  # truncated: the first half of a real checkpoint
-        train("train_full.py", tmp_path / "real", "--max-steps", "1", "--ckpt-every", "1")
+        train("train_full.py", tmp_path / "real", *FAST, "--max-steps", "1", "--ckpt-every", "1")
         data = (tmp_path / "real" / "ckpt.pt").read_bytes()
         ckpt.write_bytes(data[: len(data) // 2])
 
@@ -121,7 +133,7 @@ def bad_checkpoint(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["empty", "foreign", "truncated"])
 def test_a_bad_checkpoint_is_a_one_line_error(tmp_path, shakespeare, kind):
     bad_checkpoint(tmp_path, kind)
-    _, _, proc = train("train_full.py", tmp_path, "--max-steps", "2", "--resume", check=False)
+    _, _, proc = train("train_full.py", tmp_path, *FAST, "--max-steps", "2", "--resume", check=False)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: {tmp_path}/ckpt.pt is not a checkpoint of this repository")
     assert not (tmp_path / "log.jsonl").exists()
@@ -180,27 +192,42 @@ BAD_INPUT = [
 ]
 
 
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, shakespeare):
+    """The commands of this module that stop before training, from one process (run_each): every BAD_INPUT (those
+    naming a --dataset over an empty data folder, where no prepared dataset can hide the error), the rank the
+    hint names, a run into an unwritable --out-dir. {(script, *flags): (process, its --out-dir)}."""
+    root = tmp_path_factory.mktemp("stopped")
+    (root / "file").write_text("")
+    cases = [(script, flags, root / str(i)) for i, (script, flags, _) in enumerate(BAD_INPUT)]
+    cases += [("train_galore.py", ["--rank", "21", "--dry-run"], root / "plan"),
+              ("train_full.py", ["--max-steps", "1"], root / "file" / "o")]
+    done = {}
+    for dataset in (False, True):
+        these = [case for case in cases if ("--dataset" in case[1]) == dataset]
+        procs = run_each([[script, *NANO, *flags, "--out-dir", str(out)] for script, flags, out in these],
+                         check=False, env={"DATA_DIR": str(root / "data")} if dataset else None)
+        done.update({(script, *flags): (proc, out) for (script, flags, out), proc in zip(these, procs)})
+    return done
+
+
 @pytest.mark.parametrize("script,flags,message", BAD_INPUT, ids=[" ".join(c[1]) for c in BAD_INPUT])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, script, flags, message):
-    out = tmp_path / "out"
-    proc = run([sys.executable, script, *NANO, *flags, "--out-dir", str(out)], check=False,
-               env={"DATA_DIR": str(tmp_path / "data")} if "--dataset" in flags else None)
+def test_bad_input_is_one_line_and_writes_nothing(stopped, script, flags, message):
+    proc, out = stopped[(script, *flags)]
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
     assert not out.exists()
 
 
-def test_the_largest_rank_the_hint_names_is_accepted(shakespeare):
-    plan = run([sys.executable, "train_galore.py", *NANO, "--rank", "21", "--dry-run"]).stdout
-    assert "rank 21," in plan
+def test_the_largest_rank_the_hint_names_is_accepted(stopped):
+    proc, out = stopped[("train_galore.py", "--rank", "21", "--dry-run")]
+    assert proc.returncode == 0 and "rank 21," in proc.stdout and not out.exists()
 
 
-def test_an_unwritable_out_dir_is_one_line(tmp_path, shakespeare):
-    (tmp_path / "file").write_text("")
-    proc = run([sys.executable, "train_full.py", *NANO, "--max-steps", "1", "--out-dir", str(tmp_path / "file" / "o")],
-               check=False)
+def test_an_unwritable_out_dir_is_one_line(stopped):
+    proc, out = stopped[("train_full.py", "--max-steps", "1")]
     assert proc.returncode != 0
-    assert proc.stderr == f"error: cannot write to --out-dir {tmp_path}/file/o: Not a directory\n"
+    assert proc.stderr == f"error: cannot write to --out-dir {out}: Not a directory\n"
 
 
 def test_a_corpus_shorter_than_one_sequence_is_one_line(tmp_path, monkeypatch):

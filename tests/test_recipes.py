@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_CPU, ROOT, SCRIPTS, train
+from conftest import FAST, FAST_CPU, NANO, ROOT, SCRIPTS, outputs, run_each
 from model import METHODS, RECIPES, method_defaults
 
 # what each method does every few steps, as its log records it when it happens
@@ -15,14 +15,22 @@ ACTIONS = {"train_galore.py": ["refreshes"], "train_fira.py": ["refreshes"], "tr
            "train_sltrain.py": ["refactorizations", "resets"], "train_relora.py": ["merges"]}
 
 
+@pytest.fixture(scope="module")
+def tiny_defaults(tmp_path_factory, shakespeare):
+    """The folder of each ACTIONS script's nano run with every default but the sequence length, which no period
+    depends on, all from one process (run_each)."""
+    root = tmp_path_factory.mktemp("defaults")
+    run_each([[script, *NANO, "--log-every", "50", *FAST, "--out-dir", str(root / script)] for script in ACTIONS])
+    return root
+
+
 @pytest.mark.parametrize("script", sorted(ACTIONS))
-def test_the_tiny_defaults_make_every_method_act_at_least_twice(tmp_path, shakespeare, script):
-    # nano's recipe is tiny's (steps, periods, settings) but for the rank, at a tenth of the cost; the run then
-    # uses every default but the sequence length, which no period depends on
+def test_the_tiny_defaults_make_every_method_act_at_least_twice(tiny_defaults, script):
+    # nano's recipe is tiny's (steps, periods, settings) but for the rank, at a tenth of the cost
     assert RECIPES["nano"].steps == RECIPES["tiny"].steps
     method = next(m for m, entry in METHODS.items() if entry["script"] == script)
     assert {**method_defaults(method, "tiny"), "rank": None} == {**method_defaults(method, "nano"), "rank": None}
-    _, log, _ = train(script, tmp_path, "--log-every", "50", "--seq-len", "16", "--val-tokens", "256")
+    _, log = outputs(tiny_defaults / script)
     assert log[-1]["step"] == 100
     for action in ACTIONS[script]:
         counts = [r[action] for r in log if action in r]
@@ -38,11 +46,16 @@ def test_the_mini_defaults_make_every_method_act_several_times():
                 assert steps // period - 1 >= 5, (method, key, period)
 
 
+@pytest.fixture(scope="module")
+def helps():
+    """Each script's --help at 60m, all from one process (run_each): {script: its text, unwrapped}."""
+    procs = run_each([[script, "--size", "60m", "--help"] for script in SCRIPTS])
+    return {script: " ".join(proc.stdout.split()) for script, proc in zip(SCRIPTS, procs)}  # argparse wraps lines
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_shows_the_recipe_of_the_size(script):
-    text = subprocess.run([sys.executable, script, "--size", "60m", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout
-    text = " ".join(text.split())  # argparse wraps the lines
+def test_help_shows_the_recipe_of_the_size(helps, script):
+    text = helps[script]
     assert "--global-batch GLOBAL_BATCH sequences per optimizer step, all processes together (default: 512)" in text
     assert "the recipe's 10,000 for 60m" in text and "(default: 0.1)" in text  # min lr ratio
     method = next(m for m, entry in METHODS.items() if entry["script"] == script)
@@ -51,7 +64,7 @@ def test_help_shows_the_recipe_of_the_size(script):
 
 
 def test_a_cpu_run_above_tiny_estimates_its_time(tmp_path):
-    cmd = [sys.executable, "train_full.py", "--size", "350m", "--device", "cpu", "--global-batch", "2",
+    cmd = [sys.executable, "train_full.py", "--size", "60m", "--device", "cpu", "--global-batch", "2",
            "--batch-size", "1", "--seq-len", "32", "--max-steps", "3", "--out-dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **FAST_CPU})

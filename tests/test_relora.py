@@ -9,13 +9,12 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import (NANO, official_cyclical_cosine, scheduler_lrs, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, torchrun,
+from conftest import (FAST, NANO, official_cyclical_cosine, scheduler_lrs, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, run_each, torchrun,
                       train, warmup_cosine_lr)
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
 ns = definitions("train_relora.py")
 LoRALinear, prune_state, set_phase = ns["LoRALinear"], ns["prune_state"], ns["set_phase"]
-FAST = ["--seq-len", "16", "--val-tokens", "256"]  # nano runs of a few steps cost little at 16 tokens a sequence
 
 
 def lora_nano(r=8, alpha=32, seed=0):
@@ -344,14 +343,26 @@ def test_ddp_across_the_switch_and_a_merge_matches_one_process(tmp_path, shakesp
         json.load(open(tmp_path / "one" / "result.json"))["val_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("flags,message", [
+BAD_SETTINGS = [
     (["--relora-every", "5", "--restart-warmup", "5"], "error: --restart-warmup 5 must be below --relora-every 5"),
     (["--prune-ratio", "1.5"], "error: argument --prune-ratio: must be >= 0 and <= 1, got 1.5"),
     (["--relora-every", "4", "--warm-start-steps", "2", "--switch-warmup", "5"],
      "error: --switch-warmup 5 must be at most --relora-every 4"),
     (["--relora-every", "4", "--warm-start-steps", "0", "--warmup-steps", "5"],
-     "error: --warmup-steps 5 must be at most --relora-every 4")],
-    ids=["restart-warmup", "prune-ratio", "switch-warmup", "first-warmup"])
-def test_bad_settings_are_one_line_errors(tmp_path, flags, message):
-    _, _, proc = train("train_relora.py", tmp_path / "out", *flags, check=False)
-    assert error_of(proc) == message and not (tmp_path / "out").exists()
+     "error: --warmup-steps 5 must be at most --relora-every 4")]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    """Each BAD_SETTINGS run, from one process (run_each): [(process, its --out-dir)]."""
+    root = tmp_path_factory.mktemp("refused")
+    procs = run_each([["train_relora.py", *NANO, *flags, "--out-dir", str(root / str(i))]
+                      for i, (flags, _) in enumerate(BAD_SETTINGS)], check=False)
+    return [(proc, root / str(i)) for i, proc in enumerate(procs)]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_SETTINGS)), ids=["restart-warmup", "prune-ratio", "switch-warmup",
+                                                             "first-warmup"])
+def test_bad_settings_are_one_line_errors(refused, i):
+    proc, out = refused[i]
+    assert error_of(proc) == BAD_SETTINGS[i][1] and not out.exists()
