@@ -107,7 +107,7 @@ def result_row(r, size):
     # results written before a run recorded its dataset have none; before documents, every run packed windows
     row = dict(status="ok", dataset=r.get("dataset"), vocab_size=r.get("vocab_size"),
                sequences=r.get("sequences", "windows"), rank=r.get("rank"), lr=r.get("lr"), precision=r["precision"],
-               tokens=r["tokens"], steps=r.get("steps"),
+               tokens=r["tokens"], steps=r.get("steps"), official_ppl=r.get("val_ppl_official_style"),
                val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
                weights_mib=r["weights_bytes"] / mib, grads_mib=r["grads_bytes"] / mib,
                states_mib=r["optimizer_state_bytes"] / mib, buffers_mib=r["buffers_bytes"] / mib,
@@ -270,17 +270,22 @@ def markdown(rows, lines, out):
                 f"| {line['ok'][0]['tokens']:,} |")
         reason = not_comparable(line)
         if reason:
-            paper.append(f"{ours} not comparable: {reason} | | |")
+            paper.append(f"{ours} not comparable: {reason} | | | |")
             continue
+        official = [r["official_ppl"] for r in line["ok"] if r["official_ppl"] is not None]
+        official = f"{statistics.mean(official):.2f}" if official else "-"
         for source, numbers in PAPER[line["method"]]:
             if line["size"] in numbers:
                 ppl, gb = numbers[line["size"]]
-                paper.append(f"{ours} {ppl} | {gb or '-'} | {source} |")
+                paper.append(f"{ours} {ppl} | {gb or '-'} | {source} | {official} |")
     if paper:
         paper = ["", "Reported by the papers (validation ppl on C4 in T5 tokens, memory GB in bf16), beside the rows "
                  "that are comparable: the papers' size and full budget on c4-t5, each document one sequence:", "",
-                 "| method | size | dataset | our ppl | our tokens | paper ppl | paper memory (GB) | source |",
-                 "|---|---|---|---|---|---|---|---|", *paper]
+                 "| method | size | dataset | our ppl | our tokens | paper ppl | paper memory (GB) | source "
+                 "| our ppl, official-style |", "|---|---|---|---|---|---|---|---|---|", *paper,
+                 "", "our ppl, official-style: as the papers' code computes it, the mean of the evaluation "
+                 "batches' mean losses divided by their count + 1, which reads low by a factor of about 1/(n+1) in "
+                 "the loss for n batches (docs/details.md); our ppl weights every token once."]
     notes = ["", "dataset: <corpus>-<tokenizer> (GPT-2's ids when the name has no tokenizer). "
              "val ppl: mean over the seeds that finished, ± their sample standard deviation when there are "
              "several. weights + grads + states: bytes counted from the live tensors in the run's precision "
