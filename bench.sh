@@ -33,7 +33,10 @@
 # sees its GPU alone through CUDA_VISIBLE_DEVICES). "cpu" may be listed several times: DEVICES="cpu cpu" runs
 # two runs side by side, each with half the cores (OMP_NUM_THREADS, unless it is set). With one device a run's
 # output shows here and goes to its train.log; with several, to its train.log alone, and a line here says
-# when each run starts and ends. A failed run does not stop the others. Before the first run it prints the
+# when each run starts and ends. A failed run does not stop the others. No run is split over GPUs: each fits
+# one by its micro-batch (the recipe's 80 GB one scaled to the GPU's memory; accumulation keeps the global batch),
+# and DDP copies the whole model to every GPU, so torchrun over several makes a run faster, not smaller; with
+# fewer runs than GPUs, run one yourself with torchrun --nproc_per_node=N train_<method>.py .... Before the first run it prints the
 # plan (it asks nothing): per size the runs, tokens and FLOPs (from the shapes: model.bench_plan), and on a GPU of
 # model.PEAK_BF16_TFLOPS the GPU-hours at 40% MFU and the least wall time on the queue's GPUs.
 #
