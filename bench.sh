@@ -36,7 +36,8 @@
 # when each run starts and ends. A failed run does not stop the others. No run is split over GPUs: each fits
 # one by its micro-batch (the recipe's 80 GB one scaled to the GPU's memory; accumulation keeps the global batch),
 # and DDP copies the whole model to every GPU, so torchrun over several makes a run faster, not smaller; with
-# fewer runs than GPUs, start one yourself: torchrun --nproc_per_node=N train_<method>.py FLAGS. Before the first run it prints the
+# fewer runs than GPUs, start one yourself: torchrun --nproc_per_node=N train_<method>.py FLAGS.
+# Before the first run it prints the
 # plan (it asks nothing): per size the runs, tokens and FLOPs (from the shapes: model.bench_plan), and on a GPU of
 # model.PEAK_BF16_TFLOPS the GPU-hours at 40% MFU and the least wall time on the queue's GPUs.
 #
