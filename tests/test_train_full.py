@@ -47,6 +47,6 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     proc = run([sys.executable, "train_full.py", "--size", "60m", "--dry-run", "--out-dir", str(out)])
     assert "512 x 256 = 131,072 tokens/step (8 per micro-batch x 64 accumulated x 1 processes)" in proc.stdout
     assert "10,000 steps = 1,310,720,000 tokens | warmup 1000" in proc.stdout
-    assert "eval every 1,000 on 156,416 tokens (the whole validation split)" in proc.stdout  # not 1,048,576
+    assert "eval every 1,000 on 156,416 tokens (the whole validation split)" in proc.stdout  # not 10,000,000
     assert f"checkpoint {out}/ckpt.pt: every 30 min, at the end and on SIGTERM or Ctrl-C" in proc.stdout
     assert not os.path.exists(out)
