@@ -105,6 +105,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.refreshes = []  # (captured energy, exact SVD) of the projectors recomputed since the loop looked
 
+    # --- REST: begin ---
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -117,9 +118,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_unprojected(self, params, group):
-        """Embedding, head, norms: the step below with R = G and no P (AdamW), batched over the tensors by torch's
-        _foreach ops (one kernel per operation on CUDA, a loop in C++ on a CPU), each op the per-tensor one, so the
-        floats are the per-tensor loop's."""
+        """Embedding, head, norms: Adam with R = G (no projection, no residual: AdamW), batched over the tensors by
+        torch's _foreach ops (one kernel per operation on CUDA, a loop in C++ on a CPU), each op the per-tensor one,
+        so the floats are the per-tensor loop's."""
         for p in params:
             if not self.state[p]:
                 self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
@@ -142,6 +143,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             torch._foreach_add_(W, N, alpha=-step_size)
             if group["weight_decay"] > 0:
                 torch._foreach_add_(W, W, alpha=-group["lr"] * group["weight_decay"])
+    # --- REST: end ---
 
     @torch.no_grad()
     def step_param(self, p, group):

@@ -12,6 +12,7 @@ from conftest import ROOT, SCRIPTS
 REGION = re.compile(r"# --- METHOD: begin ---\n.*?# --- METHOD: end ---\n", re.S)
 RESTART = re.compile(r"# --- RESTART: begin ---\n.*?# --- RESTART: end ---\n", re.S)
 VARIANT = re.compile(r"# --- VARIANT: begin ---\n.*?# --- VARIANT: end ---\n", re.S)
+REST = re.compile(r"# --- REST: begin ---\n.*?# --- REST: end ---\n", re.S)
 
 
 def skeleton(script):
@@ -51,6 +52,13 @@ def test_variant_is_one_text():
     regions = {s: VARIANT.findall(open(os.path.join(ROOT, s)).read()) for s in SCRIPTS}
     assert {s: len(r) for s, r in regions.items() if r} == {"train_apollo.py": 1, "train_stable_spam.py": 1}
     assert regions["train_apollo.py"] == regions["train_stable_spam.py"]
+
+
+def test_galore_and_fira_step_the_unprojected_parameters_as_one_text():
+    """The embedding, head and norms take the same batched AdamW step in both (APOLLO's decays the weights first)."""
+    regions = {s: REST.findall(open(os.path.join(ROOT, s)).read()) for s in SCRIPTS}
+    assert {s: len(r) for s, r in regions.items() if r} == {"train_fira.py": 1, "train_galore.py": 1}
+    assert regions["train_fira.py"] == regions["train_galore.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
