@@ -115,13 +115,14 @@ def assert_resume_is_exact(script, tmp_path, *extra, steps=8):
     """steps straight vs steps/2, a crash, --resume, steps/2 more: the same losses and validation loss.
 
     The lr is flat after one warmup step, so the schedule does not depend on --max-steps."""
-    flat = ["--warmup-steps", "1", "--min-lr-ratio", "1.0", *extra]
-    straight, log_a, _ = train(script, tmp_path / "a", "--max-steps", str(steps), *flat)
-    half = str(steps // 2)
-    train(script, tmp_path / "b", "--max-steps", half, "--ckpt-every", half, *flat)
-    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then the crash
-        f.write(json.dumps({"step": steps // 2 + 1, "loss": 123.0}) + "\n")
-    resumed, log_b, _ = train(script, tmp_path / "b", "--max-steps", str(steps), "--resume", *flat)
+    flat = [script, *NANO, "--warmup-steps", "1", "--min-lr-ratio", "1.0", *extra]
+    a, b, half = str(tmp_path / "a"), str(tmp_path / "b"), str(steps // 2)
+    logged = json.dumps({"step": steps // 2 + 1, "loss": 123.0})  # a step logged after the checkpoint, then the crash
+    run_each([[*flat, "--out-dir", a, "--max-steps", str(steps)],
+              [*flat, "--out-dir", b, "--max-steps", half, "--ckpt-every", half],
+              ["-c", "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')", f"{b}/log.jsonl", logged],
+              [*flat, "--out-dir", b, "--max-steps", str(steps), "--resume"]])
+    (straight, log_a), (resumed, log_b) = outputs(a), outputs(b)
     assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
     assert resumed["val_loss"] == straight["val_loss"]
 

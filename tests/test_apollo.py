@@ -5,12 +5,11 @@ below, written from the paper (Zhu et al., MLSys 2025, Alg. 1 and Eq. 4), in flo
 the box leaves open stated in its docstring."""
 import hashlib
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import NANO, definitions, error_of, run, train
+from conftest import FAST, NANO, definitions, error_of, outputs, run_each
 from model import SIZES, Llama, estimate_bytes, memory_report
 
 APOLLO = definitions("train_apollo.py")
@@ -190,17 +189,25 @@ def test_counted_state_bytes_are_the_estimate_and_mini_is_below_galore():
         assert mini < galore_bytes < full, size
 
 
+VARIANTS = ["apollo", "apollo_mini"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shakespeare):
+    """Each variant's 12 nano steps at 16-token sequences, then each BAD_FLAGS run, from one process (run_each):
+    {variant or its BAD_FLAGS index: (result, log, process, out_dir)}."""
     out = tmp_path_factory.mktemp("apollo")
-    common = ["--max-steps", "12", "--update-proj-gap", "5", "--lr", "1e-2"]
-    return {variant: train("train_apollo.py", out / variant, *common, "--variant", variant)
-            for variant in ("apollo", "apollo_mini")}
+    flags = {**{variant: ["--max-steps", "12", "--update-proj-gap", "5", "--lr", "1e-2", "--variant", variant]
+                for variant in VARIANTS}, **{i: f for i, (f, _) in enumerate(BAD_FLAGS)}}
+    procs = run_each([["train_apollo.py", *NANO, *FAST, *f, "--out-dir", str(out / str(name))]
+                      for name, f in flags.items()], check=False)
+    return {name: (*outputs(out / str(name)), proc, out / str(name)) for name, proc in zip(flags, procs)}
 
 
-@pytest.mark.parametrize("variant", ["apollo", "apollo_mini"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_the_loss_falls_and_the_run_reports_what_it_ran(runs, variant):
-    result, log, proc = runs[variant]
+    result, log, proc, _ = runs[variant]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
     assert [r["refreshes"] for r in log if "refreshes" in r] == [1, 2, 3]  # steps 1, 6, 11
     method, rank = ("apollo_mini", 1) if variant == "apollo_mini" else ("apollo", 8)
@@ -220,8 +227,8 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
-def test_bad_flags_are_one_line_errors(tmp_path, flags, message):
-    proc = run([sys.executable, "train_apollo.py", *NANO, *flags, "--out-dir", str(tmp_path / "out")], check=False)
-    assert error_of(proc).startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("i", range(len(BAD_FLAGS)), ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors(runs, i):
+    *_, proc, out = runs[i]
+    assert error_of(proc).startswith(BAD_FLAGS[i][1]) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()

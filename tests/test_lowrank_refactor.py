@@ -1,14 +1,13 @@
 import json
 import math
-import sys
 from functools import partial
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import (NANO, adamw_steps, assert_refactorization_keeps_the_logits, definitions, error_of, nano_with,
-                      run, train, warmup_cosine_lr)
+from conftest import (FAST, NANO, adamw_steps, assert_refactorization_keeps_the_logits, definitions, error_of,
+                      nano_with, outputs, run_each, warmup_cosine_lr)
 from model import SIZES
 
 ns = definitions("train_lowrank_refactor.py")
@@ -113,6 +112,11 @@ def test_a_restart_of_scope_factors_leaves_the_rest_untouched(moments):
         assert all(torch.equal(v, before[id(p)][k]) for k, v in opt.state[p].items())
 
 
+# the ablation's variants: plain, refactorization only, reset only, both, both with the reset of B and A only
+ABLATIONS = [(0, True, "all", 0), (4, True, "none", 0), (4, False, "all", 0), (4, True, "factors", 2)]
+OFFICIAL_RUNS = [(24, 8, 6, 3), (23, 3, 5, 4)]  # K divides the run, or not
+
+
 def expected_lr(step, lr, max_steps, warmup, K, R, min_ratio=0.1):
     """The schedule written out independently: warmup + cosine, times the recovery after each restart."""
     base = warmup_cosine_lr(step, lr, max_steps, warmup, min_ratio)
@@ -121,12 +125,42 @@ def expected_lr(step, lr, max_steps, warmup, K, R, min_ratio=0.1):
     return base * (0.001 + 0.999 * since / R if since < R else 1.0)
 
 
+# the runs of the tests below, none of whose checks depends on the sequence length: (name, the script's flags)
+RUNS = [*((f"recovery-{warmup}", ["--max-steps", "19", "--restart-every", "5", "--recovery-steps", "3",
+                                 "--warmup-steps", str(warmup), "--lr", "1e-2", "--lr-recovery", "linear"])
+          for warmup in (2, 8)),
+        ("bytes", ["--max-steps", "2"]),
+        *((f"ablation-{K}-{refactorize}-{scope}-{recovery}",
+           ["--max-steps", "20", "--lr", "1e-2", "--restart-every", str(K), "--recovery-steps", str(recovery),
+            "--reset-scope", scope, *([] if refactorize else ["--no-refactorize"])])
+          for K, refactorize, scope, recovery in ABLATIONS),
+        *((f"official-{steps}-{warmup}-{K}-{R}", ["--max-steps", str(steps), "--restart-every", str(K),
+                                                 "--recovery-steps", str(R), "--warmup-steps", str(warmup),
+                                                 "--lr", "3e-3"])
+          for steps, warmup, K, R in OFFICIAL_RUNS),
+        ("refused", ["--max-steps", "2", "--ckpt-every", "2"]),
+        ("refused", ["--max-steps", "4", "--resume", "--lr-recovery", "linear"])]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare):
+    """Each RUNS run on nano, in order, from one process (run_each): {name: (result, log, process)}."""
+    root = tmp_path_factory.mktemp("runs")
+    procs = run_each([["train_lowrank_refactor.py", *NANO, *FAST, "--out-dir", str(root / name), *flags]
+                      for name, flags in RUNS], check=False)
+    return {name: (*outputs(root / name), proc) for (name, _), proc in zip(RUNS, procs)}
+
+
+def trained(runs, name):
+    result, log, proc = runs[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return result, log
+
+
 @pytest.mark.parametrize("warmup", [2, 8])  # 8: the first restart falls inside the warmup
-def test_lr_recovery_linear_follows_its_formula(tmp_path, shakespeare, warmup):
+def test_lr_recovery_linear_follows_its_formula(runs, warmup):
     K, R, steps = 5, 3, 19  # K does not divide the run
-    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--restart-every", str(K),
-                      "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "1e-2",
-                      "--lr-recovery", "linear")
+    _, log = trained(runs, f"recovery-{warmup}")
     assert [r["lr"] for r in log] == pytest.approx([expected_lr(s, 1e-2, steps, warmup, K, R) for s in range(steps)],
                                                    rel=1e-12)
     # the run logs each restart when it happens
@@ -134,8 +168,8 @@ def test_lr_recovery_linear_follows_its_formula(tmp_path, shakespeare, warmup):
                                                                                             (15, 3, 3)]
 
 
-def test_parameter_and_state_bytes_follow_r_times_m_plus_n(tmp_path, shakespeare):
-    result, _, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", "2")
+def test_parameter_and_state_bytes_follow_r_times_m_plus_n(runs):
+    result, _ = trained(runs, "bytes")
     cfg, r = SIZES["nano"], 8
     d, ff = cfg.n_embd, cfg.n_ff
     per_layer = 4 * r * (d + d) + 3 * r * (d + ff) + 2 * d  # 7 factorized matrices and 2 norms
@@ -146,13 +180,9 @@ def test_parameter_and_state_bytes_follow_r_times_m_plus_n(tmp_path, shakespeare
     assert result["optimizer_state_bytes"] == 2 * 4 * n_params + 4 * n_tensors
 
 
-# the ablation's variants: plain, refactorization only, reset only, both, both with the reset of B and A only
-@pytest.mark.parametrize("K,refactorize,scope,recovery", [(0, True, "all", 0), (4, True, "none", 0),
-                                                          (4, False, "all", 0), (4, True, "factors", 2)])
-def test_every_ablation_trains(tmp_path, shakespeare, K, refactorize, scope, recovery):
-    result, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", "20", "--lr", "1e-2",
-                           "--restart-every", str(K), "--recovery-steps", str(recovery), "--reset-scope", scope,
-                           *([] if refactorize else ["--no-refactorize"]))
+@pytest.mark.parametrize("K,refactorize,scope,recovery", ABLATIONS)
+def test_every_ablation_trains(runs, K, refactorize, scope, recovery):
+    result, log = trained(runs, f"ablation-{K}-{refactorize}-{scope}-{recovery}")
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     assert (result["restart_every"], result["refactorize"], result["reset_scope"]) == (K, refactorize, scope)
     assert result["run"] == ("lowrank_restarts" if K else "lowrank")
@@ -261,10 +291,9 @@ def test_the_worked_example_of_the_docstrings():
     assert authors[99] == pytest.approx(0.001 * plain(110), rel=1e-12)
 
 
-@pytest.mark.parametrize("steps,warmup,K,R", [(24, 8, 6, 3), (23, 3, 5, 4)])  # K divides the run, or not
-def test_the_lr_of_a_run_is_the_official_code_s(tmp_path, shakespeare, steps, warmup, K, R):
-    _, log, _ = train("train_lowrank_refactor.py", tmp_path, "--max-steps", str(steps), "--restart-every", str(K),
-                      "--recovery-steps", str(R), "--warmup-steps", str(warmup), "--lr", "3e-3")
+@pytest.mark.parametrize("steps,warmup,K,R", OFFICIAL_RUNS)
+def test_the_lr_of_a_run_is_the_official_code_s(runs, steps, warmup, K, R):
+    _, log = trained(runs, f"official-{steps}-{warmup}-{K}-{R}")
     assert [r["step"] for r in log] == list(range(1, steps + 1))
     assert [r["lr"] for r in log] == official_lrs(3e-3, steps, warmup, K, R)
     # a restart after steps K, 2K, ... (counted from 1), never after the last
@@ -272,11 +301,8 @@ def test_the_lr_of_a_run_is_the_official_code_s(tmp_path, shakespeare, steps, wa
     assert [r["step"] for r in log if "refactorizations" in r] == list(range(K, steps, K))
 
 
-def test_a_resume_refuses_another_lr_recovery(tmp_path, shakespeare):
-    train("train_lowrank_refactor.py", tmp_path, "--max-steps", "2", "--ckpt-every", "2")
-    _, _, proc = train("train_lowrank_refactor.py", tmp_path, "--max-steps", "4", "--resume", "--lr-recovery",
-                       "linear", check=False)
-    assert error_of(proc).startswith("error: --resume with lr_recovery linear, but ")
+def test_a_resume_refuses_another_lr_recovery(runs):
+    assert error_of(runs["refused"][2]).startswith("error: --resume with lr_recovery linear, but ")
 
 
 # a run that dies right after writing its checkpoint at step --ckpt-every (the script, run in this process)
@@ -296,13 +322,15 @@ def assert_resume_after_a_crash_is_exact(script, tmp_path, *extra, steps, at):
     """steps straight vs the same run crashing after its checkpoint at step `at`, then --resume: the same lr and
     losses at every step, and the same validation loss. Unlike a shorter first run, the crash keeps --max-steps,
     on which the authors' lr depends (their cycle, and the recovery of their restart after the last step)."""
-    args = [*NANO, "--max-steps", str(steps), "--ckpt-every", str(at), *extra]
-    straight, log_a, _ = train(script, tmp_path / "a", *args)
-    crashed = run([sys.executable, "-c", CRASH, script, *args, "--out-dir", str(tmp_path / "b")], check=False)
-    assert crashed.returncode == 3, crashed.stderr[-2000:]
-    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then the crash
-        f.write(json.dumps({"step": at + 1, "loss": 123.0}) + "\n")
-    resumed, log_b, _ = train(script, tmp_path / "b", *args, "--resume")
+    args = [*NANO, *FAST, "--max-steps", str(steps), "--ckpt-every", str(at), *extra]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    logged = json.dumps({"step": at + 1, "loss": 123.0})  # a step logged after the checkpoint, then the crash
+    append = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n')"
+    procs = run_each([[script, *args, "--out-dir", a], ["-c", CRASH, script, *args, "--out-dir", b],
+                      ["-c", append, f"{b}/log.jsonl", logged],
+                      [script, *args, "--out-dir", b, "--resume"]], check=False)
+    assert [proc.returncode for proc in procs] == [0, 3, 0, 0], [proc.stderr[-2000:] for proc in procs]
+    (straight, log_a), (resumed, log_b) = outputs(a), outputs(b)
     assert [(r["step"], r["lr"], r["loss"]) for r in log_b] == [(r["step"], r["lr"], r["loss"]) for r in log_a]
     assert resumed["val_loss"] == straight["val_loss"]
     return log_a

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_refactorization_keeps_the_logits, definitions, nano_with, train
+from conftest import FAST, NANO, assert_refactorization_keeps_the_logits, definitions, nano_with, outputs, run_each
 from model import BENCH_ROWS, RANKS, SIZES, Llama, compressible_matrices, estimate_bytes, method_defaults
 from test_lowrank_refactor import assert_resume_after_a_crash_is_exact, official_lrs
 
@@ -203,16 +203,19 @@ def drawn(seed):
 
 
 @pytest.fixture(scope="module")
-def restarts_run(tmp_path_factory, shakespeare):
-    """20 steps with a restart every 5, seed 1, checkpointed at the end."""
-    out = tmp_path_factory.mktemp("restarts")
-    result, log, _ = train("train_sltrain.py", out, "--max-steps", "20", "--lr", "1e-2", "--restart-every", "5",
-                           "--recovery-steps", "2", "--seed", "1", "--ckpt-every", "20")
-    return result, log, out
+def runs(tmp_path_factory, shakespeare):
+    """From one process (run_each), at 16-token sequences, on which no check depends: 20 steps with a restart every
+    5, seed 1, checkpointed at the end; and 6 steps of plain SLTrain. {name: (result, log, out_dir)}"""
+    root = tmp_path_factory.mktemp("runs")
+    flags = {"restarts": ["--max-steps", "20", "--lr", "1e-2", "--restart-every", "5", "--recovery-steps", "2",
+                          "--seed", "1", "--ckpt-every", "20"],
+             "plain": ["--max-steps", "6", "--restart-every", "0", "--delta", "0.03"]}
+    run_each([["train_sltrain.py", *NANO, *FAST, "--out-dir", str(root / name), *f] for name, f in flags.items()])
+    return {name: (*outputs(root / name), root / name) for name in flags}
 
 
-def test_trains_and_restarts(restarts_run):
-    result, log, _ = restarts_run
+def test_trains_and_restarts(runs):
+    result, log, _ = runs["restarts"]
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     # each restart is logged when it happens; none after the last step
     assert [(r["step"], r["resets"], r["refactorizations"]) for r in log if "resets" in r] == [
@@ -223,15 +226,15 @@ def test_trains_and_restarts(restarts_run):
         "rank": 8, "alpha": 32, "delta": 0.1, "restart_every": 5, "recovery_steps": 2, "lr_recovery": "authors"}
 
 
-def test_the_support_survives_training_and_restarts_and_depends_on_the_seed(restarts_run):
-    saved = supports(restarts_run[2] / "ckpt.pt")
+def test_the_support_survives_training_and_restarts_and_depends_on_the_seed(runs):
+    saved = supports(runs["restarts"][2] / "ckpt.pt")
     assert len(saved) == 7 * SIZES["nano"].n_layer
     assert all(torch.equal(a, b) for a, b in zip(saved, drawn(1)))  # 20 steps and 4 restarts later
     assert all(not torch.equal(a, b) for a, b in zip(saved, drawn(0)))
 
 
-def test_parameter_state_and_index_bytes_follow_the_formula(restarts_run):
-    result = restarts_run[0]
+def test_parameter_state_and_index_bytes_follow_the_formula(runs):
+    result = runs["restarts"][0]
     cfg, r = SIZES["nano"], 8
     d, ff, V = cfg.n_embd, cfg.n_ff, cfg.vocab_size
     nnz = 4 * int(DELTA * d * d) + 3 * int(DELTA * d * ff)  # per layer
@@ -255,8 +258,7 @@ def test_resume_across_a_restart_is_exact_and_keeps_the_support(tmp_path, shakes
         assert all(torch.equal(a, b) for a, b in zip(supports(tmp_path / run / "ckpt.pt"), drawn(0)))
 
 
-def test_plain_sltrain_never_restarts(tmp_path, shakespeare):
-    result, log, _ = train("train_sltrain.py", tmp_path, "--max-steps", "6", "--restart-every", "0",
-                           "--delta", "0.03")
+def test_plain_sltrain_never_restarts(runs):
+    result, log, _ = runs["plain"]
     assert result["run"] == "sltrain" and (result["restart_every"], result["delta"]) == (0, 0.03)
     assert not any("resets" in r or "refactorizations" in r for r in log)
