@@ -159,9 +159,10 @@ class T5Tokenizer:
         return self.tokenizer.decode(ids)
 
 
-# the name a dataset records -> its tokenizer, and its end-of-text id (without loading the tokenizer's files)
+# the name a dataset records -> its tokenizer, its end-of-text id and its vocabulary (without loading its files)
 TOKENIZERS = {"gpt2": get_tokenizer, "bytes": ByteTokenizer, "t5": T5Tokenizer}
 END_OF_TEXT = {"gpt2": 50256, "bytes": ByteTokenizer.eot_token, "t5": T5Tokenizer.eot_token}
+VOCAB_SIZE = {"gpt2": 50257, "bytes": ByteTokenizer.n_vocab, "t5": T5Tokenizer.n_vocab}
 
 
 # -----------------------------------------------------------------------------
@@ -498,13 +499,14 @@ def read_meta(d):
     return meta
 
 
-def vocab_size(name):
-    """The vocabulary of a finished dataset's tokenizer, which the model's follows (datasets prepared before
-    meta.json recorded it are GPT-2's), or of an embedded one that is not prepared yet."""
+def dataset_tokenizer(name):
+    """(tokenizer, vocabulary size) of a finished dataset, as its meta.json records them (datasets prepared before
+    it did are GPT-2's), or of an embedded one that is not prepared yet; the model's vocabulary follows it."""
     meta = read_meta(dataset_dir(name))
     if not isinstance(meta, dict):
-        return {"gpt2": 50257, "bytes": ByteTokenizer.n_vocab}[EMBEDDED[name]]
-    return meta.get("vocab_size", 50257)
+        return EMBEDDED[name], VOCAB_SIZE[EMBEDDED[name]]
+    tokenizer = meta.get("tokenizer", "gpt2")
+    return tokenizer, meta.get("vocab_size", VOCAB_SIZE[tokenizer])
 
 
 def dataset_problem(d, meta):

@@ -275,7 +275,8 @@ RECIPES = {
 
 # The papers act every 200 steps (GaLore's projector T, the restarts' K) of 10K-100K; 100-step CPU runs act every
 # 25, mini's 300 steps every 50.
-PERIOD = {"nano": 25, "tiny": 25, "mini": 50, "7b": 500, "*": 200}
+CPU_PERIOD = {"nano": 25, "tiny": 25, "mini": 50}
+PERIOD = {**CPU_PERIOD, "7b": 500, "*": 200}
 # alpha of the low-rank parameterizations (y = B A x alpha / r): 32 up to 130m, 16 from 350m (the authors' runs)
 ALPHA = {"350m": 16, "1b": 16, "7b": 16, "*": 32}
 
@@ -314,11 +315,12 @@ METHODS = {
     # and their README's warmup N = 150; 1b's 2e-4 continues the halving (their 1b script's 2e-3 cannot run as
     # released). The CPU sizes reset every PERIOD steps (SPAM warming up over 2/5 of it), so that their runs reset.
     "stable_spam": {"script": "train_stable_spam.py", "variant": "stable_spam", "lr": {"130m": 8e-4, "*": 1e-3},
-                    "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999,
-                    "gamma3": 0.999, "eta": 0.5},
+                    "reset_every": {**CPU_PERIOD, "*": 1000}, "gamma1": 0.85, "gamma2": 0.99999, "gamma3": 0.999,
+                    "eta": 0.5},
     "spam": {"script": "train_stable_spam.py", "variant": "spam",
              "lr": {"350m": 4e-4, "1b": 2e-4, "7b": 2e-4, "*": 8e-4},
-             "reset_every": {"nano": 25, "tiny": 25, "mini": 50, "*": 500}, "threshold": 5000, "recovery_steps": {"nano": 10, "tiny": 10, "mini": 20, "*": 150}},
+             "reset_every": {**CPU_PERIOD, "*": 500}, "threshold": 5000,
+             "recovery_steps": {"nano": 10, "tiny": 10, "mini": 20, "*": 150}},
     # Muon: torch.optim.Muon's momentum 0.95 and 5 Newton-Schulz steps (Keller Jordan's), Moonlight's lr scaling so
     # that AdamW's lr serves (full's 1e-3: ours, no Muon run of the benchmark papers gives its lr)
     "muon": {"script": "train_muon.py", "lr": 1e-3, "momentum": 0.95, "ns_steps": 5,
@@ -564,10 +566,10 @@ def main():
             for row in rows:
                 print(size, row, bench_command(row, size))
         if args.plan:
-            from data import vocab_size  # data.py imports this module: not at the top
+            from data import dataset_tokenizer  # data.py imports this module: not at the top
             runs, max_steps, budget, global_batch, gpu, gpus, dataset = args.plan
             for line in bench_plan(rows, sizes, int(runs), int(max_steps), float(budget), int(global_batch), gpu,
-                                   int(gpus), vocab_size(dataset)):
+                                   int(gpus), dataset_tokenizer(dataset)[1]):
                 print("plan", line)
         return
     sizes = [args.size] if args.size else list(SIZES)

@@ -24,8 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (END_OF_TEXT, Documents, dataset_dir, dataset_name, load_tokens, read_meta, val_documents,
-                  val_windows, vocab_size)
+from data import END_OF_TEXT, Documents, dataset_name, dataset_tokenizer, load_tokens, val_documents, val_windows
 from model import (IGNORE, PLAN_MFU, RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config,
                    memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
@@ -216,17 +215,16 @@ def load_data(args, master, ddp):
     meet(ddp)
     if not master:
         tokens = load_tokens(args.dataset, args.seq_len)
-    n_val = args.val_tokens or RECIPES[args.size].val_tokens
-    if args.sequences == "documents":
-        eot = END_OF_TEXT[read_meta(dataset_dir(args.dataset)).get("tokenizer", "gpt2")]
-        tokens = {split: Documents(tokens[split], eot, split) for split in tokens}
+    tokenizer, vocab_size = dataset_tokenizer(args.dataset)
+    documents = args.sequences == "documents"
+    if documents:
+        tokens = {split: Documents(tokens[split], END_OF_TEXT[tokenizer], split) for split in tokens}
     split = split_targets(tokens["val"], args)
     if args.val_tokens and args.val_tokens > split:
         sys.exit(f"error: --val-tokens {args.val_tokens:,} is more than the validation split of {args.dataset} "
                  f"holds ({split:,} tokens)")
-    if args.sequences == "documents":
-        return tokens, val_documents(tokens["val"], args.seq_len, n_val), vocab_size(args.dataset)
-    return tokens, val_windows(tokens["val"], args.seq_len, n_val), vocab_size(args.dataset)
+    fixed_set = val_documents if documents else val_windows
+    return tokens, fixed_set(tokens["val"], args.seq_len, args.val_tokens or RECIPES[args.size].val_tokens), vocab_size
 
 
 def split_targets(split, args):

@@ -32,7 +32,7 @@ def test_byte_tokenizer_round_trips_and_prepares_its_own_dataset(tmp_path, monke
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
     data.prepare(f"text:{corpus}", tokenizer="bytes")
     tokens = data.load_tokens("text-corpus.txt-bytes")  # a folder of its own: the GPT-2 dataset is another one
-    assert data.vocab_size("text-corpus.txt-bytes") == 257
+    assert data.dataset_tokenizer("text-corpus.txt-bytes") == ("bytes", 257)
     assert bytes(np.concatenate([tokens["train"], tokens["val"]])[:-1].tolist()).decode() == text * 100
     assert data.prepare_command("shakespeare-bytes") == "python data.py shakespeare --tokenizer bytes"
     assert data.prepare_command("text-corpus.txt-bytes").startswith("python data.py text:PATH --tokenizer bytes,")
@@ -134,7 +134,7 @@ def test_t5_ids_are_the_tokenizer_files_with_its_end_of_sequence_after_each_docu
     assert ids == [i for doc in docs for i in tok.encode(doc).ids]  # the post-processor's </s> ends each document
     assert ids.count(1) == 3 and ids[-1] == 1
     assert data.T5Tokenizer().decode(ids) == " ".join(docs)  # </s> is special: decoding drops it
-    assert data.vocab_size("text-corpus-t5") == 32000  # the papers': T5's ids without its 100 sentinels
+    assert data.dataset_tokenizer("text-corpus-t5") == ("t5", 32000)  # the papers': T5's ids without its 100 sentinels
 
     monkeypatch.setattr(data.T5Tokenizer, "n_vocab", 10)  # as if the text held a sentinel
     with pytest.raises(SystemExit) as e:
