@@ -102,11 +102,11 @@ def test_bench_runs_every_row_with_the_scripts_own_defaults(tmp_path):
         plans = dict(zip(first, pool.map(lambda c: run([sys.executable, *c[1:-2], "--dry-run"]).stdout,
                                           first.values())))
     for row, command in zip(model.BENCH_ROWS, commands):
-        method, overrides = model.BENCH_ROWS[row]
+        method, settings = model.row_settings(row, "60m")
         assert command[1] == model.METHODS[method]["script"]
         # the row's flags are the script's defaults except where the row says otherwise
         flags = dict(zip(command[2::2], command[3::2]))
-        for key, value in {**model.method_defaults(method, "60m"), **overrides}.items():
+        for key, value in settings.items():
             assert flags["--" + key.replace("_", "-")] == str(value)
         if command is not first[command[1]]:
             continue

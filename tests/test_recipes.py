@@ -1,4 +1,5 @@
 """A direct run does what the papers did: the size's recipe is every script's default, and it says what it will do."""
+import csv
 import os
 import re
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from conftest import FAST, FAST_CPU, NANO, ROOT, SCRIPTS, outputs, run_each
-from model import METHODS, RECIPES, method_defaults
+from model import BENCH_ROWS, METHODS, RECIPES, method_defaults, row_settings
 
 # what each method does every few steps, as its log records it when it happens
 ACTIONS = {"train_galore.py": ["refreshes"], "train_fira.py": ["refreshes"], "train_apollo.py": ["refreshes"],
@@ -44,6 +45,18 @@ def test_the_mini_defaults_make_every_method_act_several_times():
         for key, period in method_defaults(method, "mini").items():
             if key in ("update_proj_gap", "restart_every", "reset_every"):
                 assert steps // period - 1 >= 5, (method, key, period)
+
+
+def test_the_mini_lrs_are_the_committed_sweeps_best():
+    """mini's lr of every benchmark row is the lowest perplexity of the lr sweep committed with it (one seed), inside
+    a range of at least 4 lrs spanning 10x or more"""
+    with open(os.path.join(ROOT, "results", "2026-12-03-cpu-lr-sweep", "results.csv")) as f:
+        runs = [r for r in csv.DictReader(f) if r["size"] == "mini" and r["status"] == "ok"]
+    for row in BENCH_ROWS:
+        ppl = {float(r["lr"]): float(r["val_ppl"]) for r in runs if r["method"] == row}
+        best = min(ppl, key=ppl.get)
+        assert len(ppl) >= 4 and max(ppl) >= 10 * min(ppl) and min(ppl) < best < max(ppl), (row, ppl)
+        assert row_settings(row, "mini")[1]["lr"] == best, (row, best)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST, NANO, assert_refactorization_keeps_the_logits, definitions, nano_with, outputs, run_each
-from model import BENCH_ROWS, RANKS, SIZES, Llama, compressible_matrices, estimate_bytes, method_defaults
+from model import (BENCH_ROWS, RANKS, SIZES, Llama, compressible_matrices, estimate_bytes, method_defaults,
+                   row_settings)
 from test_lowrank_refactor import assert_resume_after_a_crash_is_exact, official_lrs
 
 ns = definitions("train_sltrain.py")
@@ -173,8 +174,7 @@ def test_run_names_and_bench_rows():
     assert run_name(argparse.Namespace(**defaults)) == "sltrain_restarts"
     assert run_name(argparse.Namespace(**{**defaults, "restart_every": 0})) == "sltrain"
     for row in ("sltrain", "sltrain_restarts"):  # each benchmark row's run is named after it
-        method, overrides = BENCH_ROWS[row]
-        assert run_name(argparse.Namespace(**{**method_defaults(method, "60m"), **overrides})) == row
+        assert run_name(argparse.Namespace(**row_settings(row, "60m")[1])) == row
     assert BENCH_ROWS["sltrain"][1]["delta"] == 0.03 and method_defaults("sltrain", "60m")["delta"] == 0.1
 
 
