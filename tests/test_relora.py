@@ -9,8 +9,9 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import (FAST, NANO, official_cyclical_cosine, scheduler_lrs, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with, run, run_each, torchrun,
-                      train, warmup_cosine_lr)
+from conftest import (FAST, NANO, adamw_steps, assert_resume_is_exact, definitions, error_of, nano_with,
+                      official_cyclical_cosine, outputs, run, run_each, scheduler_lrs, torchrun, train,
+                      warmup_cosine_lr)
 from model import SIZES, Llama, compressible_matrices, estimate_bytes
 
 ns = definitions("train_relora.py")
@@ -230,15 +231,22 @@ N, K, R, W, W2, STEPS = 3, 4, 2, 2, 1, 15  # the switch after 3 steps, lr 0 at s
 
 
 @pytest.fixture(scope="module")
-def relora_run(tmp_path_factory, shakespeare):
-    out = tmp_path_factory.mktemp("relora")
-    return train("train_relora.py", out, *FAST, "--max-steps", str(STEPS), "--warm-start-steps", str(N),
-                 "--relora-every", str(K), "--restart-warmup", str(R), "--warmup-steps", str(W), "--switch-warmup",
-                 str(W2), "--lr", "1e-2", "--warm-start-lr", "4e-3", "--ckpt-every", str(STEPS)) + (out,)
+def runs(tmp_path_factory, shakespeare):
+    """From one process (run_each): the recipe's run (a warm start, then merges), 3 steps that end before the first
+    merge, and 3 of plain LoRA, each checkpointed at its end. {name: (result, log, out_dir)}"""
+    root = tmp_path_factory.mktemp("runs")
+    flags = {"recipe": ["--max-steps", str(STEPS), "--warm-start-steps", str(N), "--relora-every", str(K),
+                        "--restart-warmup", str(R), "--warmup-steps", str(W), "--switch-warmup", str(W2),
+                        "--lr", "1e-2", "--warm-start-lr", "4e-3", "--ckpt-every", str(STEPS)],
+             "zero": ["--max-steps", "3", "--warm-start-steps", "0", "--relora-every", "3", "--restart-warmup", "1",
+                      "--warmup-steps", "1", "--ckpt-every", "3"],
+             "lora": ["--max-steps", "3", "--relora-every", "0", "--warm-start-steps", "0", "--ckpt-every", "3"]}
+    run_each([["train_relora.py", *NANO, *FAST, "--out-dir", str(root / name), *f] for name, f in flags.items()])
+    return {name: (*outputs(root / name), root / name) for name in flags}
 
 
-def test_the_schedule_and_the_merges_are_relora_readme_recipe(relora_run):
-    _, log, _, _ = relora_run
+def test_the_schedule_and_the_merges_are_relora_readme_recipe(runs):
+    _, log, _ = runs["recipe"]
     lrs, merges = official_recipe(STEPS, 4e-3, W, N, 1e-2, W2, K, R)
     assert [r["lr"] for r in log] == pytest.approx(lrs, rel=1e-12, abs=1e-15)
     assert [(r["step"], r["merges"]) for r in log if "merges" in r] == [(m, i + 1) for i, m in enumerate(merges)]
@@ -247,8 +255,8 @@ def test_the_schedule_and_the_merges_are_relora_readme_recipe(relora_run):
     assert [r["step"] for r in log if r["lr"] == 0] == [1, N + 1, *merges]
 
 
-def test_the_switch_starts_a_brand_new_adamw_for_every_parameter(relora_run):
-    _, _, _, out = relora_run
+def test_the_switch_starts_a_brand_new_adamw_for_every_parameter(runs):
+    _, _, out = runs["recipe"]
     state = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["state"]
     model, _ = lora_nano()
     names = [name for name, _ in model.named_parameters()]
@@ -257,10 +265,8 @@ def test_the_switch_starts_a_brand_new_adamw_for_every_parameter(relora_run):
         assert name.endswith("W0") or state[i]["step"].item() == STEPS - N
 
 
-def test_zero_factors_get_no_update_until_the_first_merge(tmp_path, shakespeare):
-    train("train_relora.py", tmp_path, *FAST, "--max-steps", "3", "--warm-start-steps", "0", "--relora-every", "3",
-          "--restart-warmup", "1", "--warmup-steps", "1", "--ckpt-every", "3")
-    trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]  # the first merge would follow step 4
+def test_zero_factors_get_no_update_until_the_first_merge(runs):
+    trained = torch.load(runs["zero"][2] / "ckpt.pt", weights_only=True)["model"]  # the first merge would follow step 4
     torch.manual_seed(0)
     init = Llama(SIZES["nano"]).state_dict()
     for name, _ in compressible_matrices(Llama(SIZES["nano"])):
@@ -269,8 +275,8 @@ def test_zero_factors_get_no_update_until_the_first_merge(tmp_path, shakespeare)
     assert not torch.equal(trained["head.weight"], init["head.weight"])  # the rest trains meanwhile
 
 
-def test_parameter_gradient_and_state_bytes_count_w0_as_weights_only(relora_run):
-    result, _, _, _ = relora_run
+def test_parameter_gradient_and_state_bytes_count_w0_as_weights_only(runs):
+    result, _, _ = runs["recipe"]
     cfg, r = SIZES["nano"], 8
     d, ff = cfg.n_embd, cfg.n_ff
     frozen = cfg.n_layer * (4 * d * d + 3 * d * ff)  # W0 of the 7 matrices of every layer
@@ -285,15 +291,14 @@ def test_parameter_gradient_and_state_bytes_count_w0_as_weights_only(relora_run)
                         "optimizer_state_bytes": result["optimizer_state_bytes"] - 4 * n_tensors, "buffers_bytes": 0}
 
 
-def test_plain_lora_trains_b_a_and_the_rest_and_never_w0(tmp_path, shakespeare):
-    result, log, _ = train("train_relora.py", tmp_path, *FAST, "--max-steps", "3", "--relora-every", "0",
-                           "--warm-start-steps", "0", "--ckpt-every", "3")
+def test_plain_lora_trains_b_a_and_the_rest_and_never_w0(runs):
+    result, log, out = runs["lora"]
     assert result["run"] == "lora" and not any("merges" in r for r in log)
     assert (result["a_init"], result["lora_dropout"]) == ("kaiming", 0.0)  # Glentis et al.'s LoRA
     assert [r["lr"] for r in log] == pytest.approx([warmup_cosine_lr(s, 1.5e-3, 3, 0) for s in range(3)], rel=1e-12)
     torch.manual_seed(0)
     init = Llama(SIZES["nano"]).state_dict()
-    trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    trained = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     for name, linear in compressible_matrices(Llama(SIZES["nano"])):
         assert torch.equal(trained[f"{name}.W0"], init[f"{name}.weight"])  # W0 is the init, untouched
         assert trained[f"{name}.B"].any()  # B left 0
