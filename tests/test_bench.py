@@ -21,9 +21,11 @@ from conftest import ROOT, run
 
 @pytest.fixture
 def repo(tmp_path):
-    """A copy of the repo whose Fira script fails the way an out-of-memory run would."""
+    """A copy of the repo whose Fira script fails the way an out-of-memory run would, with the repo's prepared
+    datasets (bench.sh checks for them, else asks data.py: a process that imports torch)."""
     repo = tmp_path / "repo"
     repo.mkdir()
+    (repo / "data").symlink_to(data.DATA_DIR)
     scripts = map(os.path.basename, glob.glob(f"{ROOT}/train_*.py"))
     for f in ["bench.sh", "report.py", "model.py", "data.py", "plumbing.py", *scripts]:
         shutil.copy(os.path.join(ROOT, f), repo / f)
@@ -72,12 +74,19 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
     assert [(r["lr"], float(r["val_ppl"])) for r in sweep] == [("0.001", ppl) for ppl in full]
     assert f"| Full-rank AdamW | {mean:.2f} ± {sd:.2f} | 1e-3 |" in open(out / "lr_sweep.md").read()
 
-    # re-running skips the finished runs and retries the failed ones; other settings make a run stale
+    # re-running skips the finished runs and retries the failed ones; a run recorded with other settings (as an
+    # earlier sweep of 3 steps would have) is stale: it runs again, with this sweep's
+    recorded = json.load(open(runs / "full_nano_s1" / "result.json"))
+    steps = recorded["argv"].index("--max-steps") + 1
+    assert recorded["argv"][steps] == "2"
+    json.dump({**recorded, "argv": [*recorded["argv"][:steps], "3", *recorded["argv"][steps + 1:]]},
+              open(runs / "full_nano_s1" / "result.json", "w"))
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
-    assert proc.stdout.count("[skip]") == 2 and proc.stdout.count("[fail] fira nano") == 2
-    proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "3"], env={**env, "METHODS": "full", "SEEDS": "0"})
-    assert "[stale] full nano seed 0" in proc.stdout
-    assert next(csv.DictReader(open(out / "results.csv")))["tokens"] == str(3 * 8 * 256)
+    assert proc.stdout.count("[skip]") == 1 and "[skip] full nano seed 0" in proc.stdout
+    assert "[stale] full nano seed 1" in proc.stdout and "[done] full nano seed 1" in proc.stdout
+    assert proc.stdout.count("[fail] fira nano") == 2
+    assert json.load(open(runs / "full_nano_s1" / "result.json"))["argv"] == recorded["argv"]
+    assert [float(r["val_ppl"]) for r in csv.DictReader(open(out / "results.csv")) if r["method"] == "full"] == full
 
 
 def test_bench_runs_every_row_with_the_scripts_own_defaults(tmp_path):
