@@ -18,10 +18,11 @@ ACTIONS = {"train_galore.py": ["refreshes"], "train_fira.py": ["refreshes"], "tr
 
 @pytest.fixture(scope="module")
 def tiny_defaults(tmp_path_factory, shakespeare):
-    """The folder of each ACTIONS script's nano run with every default but the sequence length, which no period
-    depends on, all from one process (run_each)."""
+    """The folder of each ACTIONS script's nano run with every default but the sequence length and the batch (one
+    sequence a step), which no period depends on, all from one process (run_each)."""
     root = tmp_path_factory.mktemp("defaults")
-    run_each([[script, *NANO, "--log-every", "50", *FAST, "--out-dir", str(root / script)] for script in ACTIONS])
+    run_each([[script, *NANO, "--log-every", "50", *FAST, "--global-batch", "1", "--batch-size", "1", "--out-dir",
+               str(root / script)] for script in ACTIONS])
     return root
 
 
