@@ -17,7 +17,8 @@
 #   LR=1e-2 bash bench.sh                # one learning rate for every method
 #   SEQUENCES=documents bash bench.sh    # a sequence per document (the GPU default) or windows (the CPU default)
 #   LRS="1e-3 3e-3 1e-2 3e-2" SEEDS=0 bash bench.sh   # the lr sweep (not the default): every row at every lr
-#   DEVICES="cuda:0 cuda:1" bash bench.sh              # the queue's devices (default: every GPU, or cpu)
+#   DEVICES="cuda:0 cuda:1" bash bench.sh              # the queue's devices (default: every GPU, or cpu cpu)
+#   SPEED_ROUNDS=0 bash bench.sh         # CPU: no speed pass (default 3 rounds of SPEED_STEPS=60 steps a row)
 #
 # Every run is `python <script> <its row's flags>`, the script and flags coming from model.py's recipe table
 # (`python model.py --bench-command ROWS SIZES`), the same defaults a direct run of the script uses. The papers'
@@ -30,8 +31,13 @@
 # installed, draws the loss curves and the memory bars (pip install matplotlib, then python report.py OUT).
 #
 # The runs form a queue over DEVICES, one run per device at a time (every GPU of the node by default; a GPU run
-# sees its GPU alone through CUDA_VISIBLE_DEVICES). "cpu" may be listed several times: DEVICES="cpu cpu" runs
-# two runs side by side, each with half the cores (OMP_NUM_THREADS, unless it is set). With one device a run's
+# sees its GPU alone through CUDA_VISIBLE_DEVICES). "cpu" may be listed several times: DEVICES="cpu cpu", the
+# default without a GPU on 2 or more cores, runs two runs side by side, each with half the cores (OMP_NUM_THREADS,
+# unless it is set). Runs that share the cores cannot time the methods against each other, so on CPU the sweep
+# ends with a speed pass: every row SPEED_STEPS steps alone on every core, the rows in turn, SPEED_ROUNDS times
+# (into $OUT/speed/<row>_<size>_r<round>; 60 steps by default, so that mini's 50-step periods act inside the
+# timed steps, the first not being timed); the table's tokens/s and their ratio to full-rank come from it (the
+# median over the rounds of the ratio within a round, and its range). With one device a run's
 # output shows here and goes to its train.log; with several, to its train.log alone, and a line here says
 # when each run starts and ends. A failed run does not stop the others. No run is split over GPUs: each fits
 # one by its micro-batch (the recipe's 80 GB one scaled to the GPU's memory; accumulation keeps the global batch),
@@ -48,8 +54,9 @@
 #
 # Output: $OUT/runs/<row>_<size>_s<seed>/{result.json,log.jsonl,train.log} (or failed.json with the reason, and
 # the ckpt.pt a rerun continues from; a finished run's checkpoint is removed), then $OUT/results.md,
-# $OUT/results.csv, $OUT/loss_<size>.png and $OUT/memory_<size>.png (report.py), of this sweep's runs alone. A
-# run whose recorded command differs from this sweep's is stale and runs again; a folder a live run holds locked
+# $OUT/results.csv, $OUT/speed.csv (the speed pass, a line per run), $OUT/loss_<size>.png and
+# $OUT/memory_<size>.png (report.py), of this sweep's runs alone. A run (of the sweep or of the speed pass)
+# whose recorded command differs from this sweep's is stale and runs again; a folder a live run holds locked
 # is left alone. SIGTERM or Ctrl-C stops every running training run with SIGTERM (each checkpoints) and then the
 # sweep. The exit status is 1 if any run failed or report.py did, 2 if a row of METHODS, an lr of LRS or a
 # device of DEVICES is unknown (before any run).
@@ -76,6 +83,8 @@ done
 # keeping them (the logits alone are B*T x 50304 floats) makes CPU training about 1.7x faster
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824
 
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the cores this process may use (nproc reads those)
+
 # the GPUs this process sees: how many, the first one's memory in GiB and its name
 read -r GPUS GPU_MEM GPU_NAME <<< "$(python -c "import torch; n = torch.cuda.device_count(); p = n and \
 torch.cuda.get_device_properties(0); print(n, p.total_memory // 2**30 if n else 0, p.name if n else 'cpu')")"
@@ -92,7 +101,9 @@ else
     DEFAULT_SIZES="mini"
     DEFAULT_DATASET=shakespeare-bytes
     DEFAULT_SEQUENCES=windows
+    # two runs side by side, each on half the cores: a CPU-sized model gains little from a second thread
     DEFAULT_DEVICES=cpu
+    [ "$CORES" -ge 2 ] && DEFAULT_DEVICES="cpu cpu"
 fi
 EXTRA=()
 GLOBAL_BATCH=0  # the recipe's
@@ -112,23 +123,33 @@ SEQUENCES=${SEQUENCES:-$DEFAULT_SEQUENCES}
 METHODS=${METHODS:-$(python -c "import model; print(' '.join(model.BENCH_ROWS))")}
 SEEDS=${SEEDS:-0}
 LRS=${LRS:-}
+SPEED_ROUNDS=${SPEED_ROUNDS:-3}
+SPEED_STEPS=${SPEED_STEPS:-60}
 DEVICES=${DEVICES:-$DEFAULT_DEVICES}
 OUT=${OUT:-results/$(date +%F)-$DEVICE${LRS:+-lr-sweep}}
+SPEED_EXTRA=("${EXTRA[@]}")  # the speed pass's runs: the sweep's flags but its own steps
 if [ -n "$STEPS" ]; then
     EXTRA+=(--max-steps "$STEPS")
 elif [ -n "$BUDGET" ]; then
     EXTRA+=(--budget "$BUDGET")
 fi
-[ -n "${LR:-}" ] && EXTRA+=(--lr "$LR")
+[ -n "${LR:-}" ] && EXTRA+=(--lr "$LR") SPEED_EXTRA+=(--lr "$LR")
 case "$SEQUENCES" in
     windows) ;;  # the scripts' default: not named, so the commands of earlier sweeps stay the same
-    documents) EXTRA+=(--sequences documents) ;;
+    documents) EXTRA+=(--sequences documents) SPEED_EXTRA+=(--sequences documents) ;;
     *) echo "error: SEQUENCES must be windows or documents, got '$SEQUENCES'" >&2; exit 2 ;;
 esac
 if [ -n "$LRS" ] && [ -n "${LR:-}" ]; then
     echo "error: LR and LRS are both set; LR is one lr for every run, LRS a sweep over several" >&2
     exit 2
 fi
+for var in SPEED_ROUNDS SPEED_STEPS; do
+    if ! [[ ${!var} =~ ^[0-9]+$ ]] || { [ "$var" = SPEED_STEPS ] && [ "${!var}" -lt 2 ]; }; then
+        echo "error: $var must be a whole number (SPEED_STEPS at least 2: a run's first step is not timed)," \
+            "got '${!var}'" >&2
+        exit 2
+    fi
+done
 for lr in $LRS; do  # the lr names the run's folder, so it must stay one parseable word
     if ! [[ $lr =~ ^[0-9]*\.?[0-9]+([eE]-?[0-9]+)?$ ]]; then
         echo "error: LRS: '$lr' is not a number such as 3e-3" >&2
@@ -147,16 +168,21 @@ for device in "${SLOTS[@]}"; do
 done
 [ ${#SLOTS[@]} -gt 0 ] || { echo "error: DEVICES is empty" >&2; exit 2; }
 # CPU runs side by side share the cores: each gets its part of them (torch reads OMP_NUM_THREADS), unless set
+OMP_OURS=0
 if [ "$CPUS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
-    export OMP_NUM_THREADS=$(( $(nproc) / CPUS > 1 ? $(nproc) / CPUS : 1 ))
+    export OMP_NUM_THREADS=$(( CORES / CPUS > 1 ? CORES / CPUS : 1 )) OMP_OURS=1
 fi
 IFS=, read -r -a VISIBLE <<< "${CUDA_VISIBLE_DEVICES:-}"  # cuda:N is the Nth GPU this process sees
 
 if [ ! -f "data/$DATASET/meta.json" ] && ! python -c "import data, sys; sys.exit(sys.argv[1] not in data.EMBEDDED)" \
         "$DATASET"; then  # the embedded datasets are prepared on first use
-    echo "error: dataset '$DATASET' is not prepared; run: $(python -c "import data, sys; \
-print(data.prepare_command(sys.argv[1]))" "$DATASET") (or DATASET=shakespeare-bytes)" >&2
-    exit 1
+    prepare=$(python -c "import data, sys; print(data.prepare_command(sys.argv[1]))" "$DATASET")
+    if [ "$DRY" = 1 ]; then  # the plan needs the vocabulary alone, which the dataset's name gives
+        echo "note: dataset '$DATASET' is not prepared yet; before the runs: $prepare"
+    else
+        echo "error: dataset '$DATASET' is not prepared; run: $prepare (or DATASET=shakespeare-bytes)" >&2
+        exit 1
+    fi
 fi
 
 declare -A COMMAND  # every row of the sweep, checked before the first run: a typo in METHODS runs nothing
@@ -235,6 +261,36 @@ launch() {  # run folder $1, named $2, as `python $3...` on place SLOT of the qu
     SLOT_OF[$!]=$SLOT RUN_OF[$!]=$run WHAT_OF[$!]=$what START_OF[$!]=$SECONDS
 }
 
+queue() {  # run folder $1, named $2, as `python $3...` when a place of the queue is free (or skipped: its result)
+    local run=$1 what=$2 script=$3 resume=()
+    shift 3
+    if in_use "$run"; then
+        echo "[busy] $what: a run is using $run; left alone"
+        return
+    fi
+    if [ -f "$run/result.json" ]; then
+        # the script records its own command line: the same one means the same run
+        # (a resumed run records its --resume)
+        if python -c "import json, sys; sys.exit([a for a in json.load(open(sys.argv[1]))['argv'] if a != '--resume'] \
+!= sys.argv[2:])" "$run/result.json" "$@"; then
+            echo "[skip] $what: $run/result.json exists"
+            return
+        fi
+        echo "[stale] $what: its settings differ from this sweep's, running it again"
+    elif [ -f "$run/ckpt.pt" ] && [ "$(cat "$run/command" 2>/dev/null)" = "$*" ]; then
+        resume=(--resume)  # an unfinished run of the same settings: continue it from its checkpoint
+    fi
+    free_slot  # the folder is prepared when its run can start
+    if [ ${#resume[@]} -eq 0 ]; then
+        rm -rf "$run"
+        mkdir -p "$run"
+        printf '%s' "$*" > "$run/command"
+    else
+        rm -f "$run"/*.tmp "$run/failed.json"  # what a failed write or the failed attempt left
+    fi
+    launch "$run" "$what" "$script" "$@" "${resume[@]}"
+}
+
 [ "$DRY" = 1 ] || mkdir -p "$OUT/runs"
 echo "bench: sizes [$SIZES] methods [$METHODS] seeds [$SEEDS]${LRS:+ lrs [$LRS]} on $DEVICE [$DEVICES]," \
     "dataset $DATASET -> $OUT"
@@ -255,38 +311,41 @@ for size in $SIZES; do
                       --out-dir "$run")
                 if [ "$DRY" = 1 ]; then echo "python ${cmd[0]} ${args[*]}"; continue; fi
                 sweep+=("$run")
-                if in_use "$run"; then
-                    echo "[busy] $what: a run is using $run; left alone"
-                    continue
-                fi
-                resume=()
-                if [ -f "$run/result.json" ]; then
-                    # the script records its own command line: the same one means the same run
-                    if python -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['argv'] != sys.argv[2:])" \
-                            "$run/result.json" "${args[@]}"; then
-                        echo "[skip] $what: $run/result.json exists"
-                        continue
-                    fi
-                    echo "[stale] $what: its settings differ from this sweep's, running it again"
-                elif [ -f "$run/ckpt.pt" ] && [ "$(cat "$run/command" 2>/dev/null)" = "${args[*]}" ]; then
-                    resume=(--resume)  # an unfinished run of the same settings: continue it from its checkpoint
-                fi
-                free_slot  # the folder is prepared when its run can start
-                if [ ${#resume[@]} -eq 0 ]; then
-                    rm -rf "$run"
-                    mkdir -p "$run"
-                    printf '%s' "${args[*]}" > "$run/command"
-                else
-                    rm -f "$run"/*.tmp "$run/failed.json"  # what a failed write or the failed attempt left
-                fi
-                launch "$run" "$what" "${cmd[0]}" "${args[@]}" "${resume[@]}"
+                queue "$run" "$what" "${cmd[0]}" "${args[@]}"
             done
         done
     done
 done
 while [ ${#SLOT_OF[@]} -gt 0 ]; do reap; done
+
+# tokens/s side by side: CPU runs of the sweep share the cores, and two runs of a sequential sweep see different
+# loads, so on CPU each row then runs SPEED_STEPS steps alone on every core, the rows in turn, SPEED_ROUNDS
+# times; report.py gives each row's tokens/s over full-rank's in the same round (median and range over rounds)
+speed=()
+if [ "$SPEED_ROUNDS" -gt 0 ] && [ "$GPU_SLOTS" -eq 0 ] && [ -z "$LRS" ]; then
+    SLOTS=(cpu)
+    [ "$OMP_OURS" = 1 ] && export OMP_NUM_THREADS=$CORES
+    read -r seed _ <<< "$SEEDS"
+    if [ "$DRY" = 1 ]; then
+        echo "speed: then $SPEED_ROUNDS round(s) of every row, $SPEED_STEPS steps each, one run at a time on every core"
+        exit 0
+    fi
+    for round in $(seq 1 "$SPEED_ROUNDS"); do
+        for size in $SIZES; do
+            for method in $METHODS; do
+                read -r -a cmd <<< "${COMMAND[$method,$size]}"
+                run="$OUT/speed/${method}_${size}_r$round"
+                args=("${cmd[@]:1}" --size "$size" --dataset "$DATASET" --seed "$seed" "${SPEED_EXTRA[@]}"
+                      --max-steps "$SPEED_STEPS" --eval-every "$SPEED_STEPS" --out-dir "$run")
+                speed+=("$run")
+                queue "$run" "$method $size speed round $round" "${cmd[0]}" "${args[@]}"
+            done
+        done
+    done
+    while [ ${#SLOT_OF[@]} -gt 0 ]; do reap; done
+fi
 [ "$DRY" = 1 ] && exit 0
-if ! python report.py "$OUT" "${sweep[@]}"; then
+if ! python report.py "$OUT" "${sweep[@]}" "${speed[@]}"; then
     echo "bench: report.py failed, so $OUT/results.md is not this sweep's table" >&2
     exit 1
 fi

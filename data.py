@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import IGNORE, SEQ_LEN
+from model import IGNORE, RECIPES, SEQ_LEN
 
 DATA_DIR = os.environ.get("DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 SPLITS = ("train", "val")
@@ -209,12 +209,20 @@ def tokenized(docs, enc, workers):
         yield in_order(pool)
 
 
-def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1):
-    """Tokenize documents (each followed by the end-of-text id) into a uint16 file; returns the token count.
+# the validation split of a hub corpus: its first documents, as many as the papers' sizes validate on in documents
+# mode (the official code's target_eval_tokens: scored tokens, each document cut at SEQ_LEN), and so at least as
+# many tokens as windows
+VAL_TARGETS = RECIPES["60m"].val_tokens
+
+
+def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1, max_targets=None):
+    """Tokenize documents (each followed by the end-of-text id) into a uint16 file; returns the token count. It
+    stops at max_tokens tokens, or after the document with which the documents' scored tokens as sequences of
+    SEQ_LEN (Documents.targets) reach max_targets.
 
     The file is the same for any number of workers. A document with an id outside the tokenizer's vocabulary
     (a T5 sentinel) is refused: the model has no row for it."""
-    n = 0
+    n = targets = 0
     with (open(path, "wb") as f, tokenized(docs, enc, workers) as batches,
           tqdm(desc=desc or os.path.basename(path), total=max_tokens, unit="tok", unit_scale=True) as bar):
         for ids in batches:
@@ -223,10 +231,17 @@ def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1):
                          f"{enc.n_vocab:,} ids of the {enc.name} vocabulary: nothing written")
             if max_tokens is not None:
                 ids = ids[: max_tokens - n]
+            done = max_tokens is not None and n + len(ids) >= max_tokens
+            if max_targets is not None:  # a batch holds whole documents, each ending with the end-of-text id
+                ends = np.flatnonzero(ids == enc.eot_token)
+                scored = targets + np.cumsum(np.minimum(np.diff(ends, prepend=-1) - 1, SEQ_LEN - 1))
+                if len(scored) and scored[-1] >= max_targets:
+                    ids, done = ids[: ends[np.argmax(scored >= max_targets)] + 1], True
+                targets = scored[-1] if len(scored) else targets
             ids.tofile(f)
             n += len(ids)
             bar.update(len(ids))
-            if max_tokens is not None and n >= max_tokens:
+            if done:
                 break
     return n
 
@@ -354,10 +369,11 @@ def is_locked(d):
     return False
 
 
-def prepare(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2", c4_dir=None, workers=1):
+def prepare(name, max_tokens=None, val_tokens=None, tokenizer="gpt2", c4_dir=None, workers=1):
     """Write data/<dataset>/{train,val}.bin and, last, data/<dataset>/meta.json, which marks them finished; the
     dataset is the corpus `name` in the tokenizer's ids (its folder: dataset_dir(name, tokenizer)), C4 read from the
-    shards in folder c4_dir if given, tokenized by `workers` processes.
+    shards in folder c4_dir if given, tokenized by `workers` processes. A hub corpus's validation split is its
+    first documents: val_tokens tokens, or by default as many documents as hold VAL_TARGETS scored tokens.
 
     Safe against concurrency and kills: preparations of one dataset take turns under a file lock; tokens go
     to *.tmp files that replace the dataset's files only once both splits are complete, meta.json being
@@ -369,7 +385,7 @@ def prepare(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2", c4_di
         write_dataset(name, max_tokens, val_tokens, tokenizer, c4_dir, workers)
 
 
-def write_dataset(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2", c4_dir=None, workers=1):
+def write_dataset(name, max_tokens=None, val_tokens=None, tokenizer="gpt2", c4_dir=None, workers=1):
     """prepare(), for a caller that holds the dataset's lock."""
     out = dataset_dir(name, tokenizer)
     enc = TOKENIZERS[tokenizer]()
@@ -383,7 +399,8 @@ def write_dataset(name, max_tokens=None, val_tokens=1_000_000, tokenizer="gpt2",
             else:
                 docs, source = functools.partial(hub_docs, name), HUB_SOURCES[name]
             # FineWeb-Edu's validation documents come first in the same stream, so skip them for training
-            n_val = write_tokens(docs("validation"), tmp["val"], enc, val_tokens, f"{name} val", workers)
+            n_val = write_tokens(docs("validation"), tmp["val"], enc, val_tokens, f"{name} val", workers,
+                                 None if val_tokens else VAL_TARGETS)
             docs = docs("train")
             if name == "fineweb-edu":
                 skipped = 0
@@ -501,10 +518,11 @@ def read_meta(d):
 
 def dataset_tokenizer(name):
     """(tokenizer, vocabulary size) of a finished dataset, as its meta.json records them (datasets prepared before
-    it did are GPT-2's), or of an embedded one that is not prepared yet; the model's vocabulary follows it."""
+    it did are GPT-2's), or, for one not prepared yet, as its name gives them; the model's vocabulary follows it."""
     meta = read_meta(dataset_dir(name))
     if not isinstance(meta, dict):
-        return EMBEDDED[name], VOCAB_SIZE[EMBEDDED[name]]
+        tokenizer = corpus_and_tokenizer(name)[1]
+        return tokenizer, VOCAB_SIZE[tokenizer]
     tokenizer = meta.get("tokenizer", "gpt2")
     return tokenizer, meta.get("vocab_size", VOCAB_SIZE[tokenizer])
 

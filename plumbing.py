@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import END_OF_TEXT, Documents, dataset_name, dataset_tokenizer, load_tokens, val_documents, val_windows
+from data import (END_OF_TEXT, Documents, dataset_name, dataset_tokenizer, load_tokens, token_count, val_documents,
+                  val_windows)
 from model import (IGNORE, PLAN_MFU, RECIPES, SEQ_LEN, SIZES, Llama, PeakTensorBytes, estimate_bytes, get_config,
                    memory_report, method_defaults, micro_batch, param_counts, peak_bf16_flops)
 
@@ -81,7 +82,7 @@ def shared_parser(doc):
         help="windows: random windows of the packed documents; documents: each document one sequence, truncated "
              "or padded to --seq-len with the pads out of the loss, for training and validation (the papers' "
              "official code: compare with their tables in this mode)")
-    add("--val-tokens", type=COUNT, default=None,
+    add("--val-tokens", type=token_count, default=None,
         help=f"size of the fixed validation set (default: the recipe's {recipe.val_tokens:,} for {size}, or the "
              "whole validation split if it is smaller)")
     # model
@@ -513,6 +514,8 @@ def write_result(out_dir, run, args, method, hparams, record, model, optimizer, 
               **memory, "params": param_counts(model), "tokens_per_s": tokens_per_s,
               "flops_per_token": n_flops, "mfu": mfu,
               "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+              # how the speed was measured: the run's threads and the 1-minute load average at its end
+              "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
               "world_size": ddp_world, "precision": precision, "micro_batch": micro_batch, "grad_accum": accum,
               "torch": torch.__version__, **hparams, "args": vars(args), "argv": sys.argv[1:]}
     if not write_file(os.path.join(out_dir, "result.json"), lambda f: f.write(json.dumps(result, indent=2).encode())):

@@ -66,6 +66,7 @@ COLUMNS = ["method", "size", "dataset", "vocab_size", "sequences", "lr", "seed",
            "tokens", "val_ppl", "val_loss", "weights_mib", "grads_mib", "states_mib", "buffers_mib",
            "bf16_estimate_mib", "peak_tensor_mib", "peak_gpu_mib", "tokens_per_s", "mfu", "device"]
 RUN = re.compile(r"(.+?)(?:_lr([^_]+))?_([^_]+)_s(\d+)$")  # <row>_<size>_s<seed>, in an lr sweep <row>_lr<lr>_...
+SPEED_RUN = re.compile(r"(.+?)_([^_]+)_r(\d+)$")  # bench.sh's speed pass: speed/<row>_<size>_r<round>
 
 
 def load_runs(out, runs=None):
@@ -91,6 +92,35 @@ def load_runs(out, runs=None):
     order = {m: i for i, m in enumerate(BENCH_ROWS)}
     rows.sort(key=lambda r: (r["size"], order.get(r["method"], len(order)), lr_value(r["sweep_lr"]), r["seed"]))
     return rows
+
+
+def load_speed(out, runs=None):
+    """The speed pass's runs (each row alone on the machine, the rows in turn, round after round): one dict per
+    finished run, with its row, size, round, tokens/s, threads and the load average at its end."""
+    speed = []
+    for run in sorted(runs or glob.glob(os.path.join(out, "speed", "*_r*"))):
+        match = SPEED_RUN.match(os.path.basename(os.path.normpath(run)))
+        result = os.path.join(run, "result.json")
+        if match and os.path.exists(result):
+            r = json.load(open(result))
+            method, size, round_ = match.groups()
+            speed.append({"method": method, "size": size, "round": int(round_), "tokens_per_s": r["tokens_per_s"],
+                          "steps": r["steps"], "threads": r.get("threads"), "load_avg": r.get("load_avg")})
+    return speed
+
+
+def side_by_side(lines, speed):
+    """Each row's tokens/s from the speed pass (median over rounds) and its ratio to full-rank's in the same round
+    (median, min and max over the rounds), where the speed pass timed both."""
+    for line in lines:
+        at, full = ({s["round"]: s["tokens_per_s"] for s in speed if (s["size"], s["method"]) == (line["size"], m)}
+                    for m in (line["method"], "full"))
+        ratios = [at[k] / full[k] for k in at if k in full and at[k] and full[k]]
+        if line["ok"] and ratios:
+            line.update(tps=statistics.median(at.values()), rel_speed=statistics.median(ratios),
+                        rel_speed_range=(min(ratios), max(ratios)), speed_rounds=len(ratios))
+        elif speed:  # one table, one way of measuring speed: a row the speed pass missed has no ratio
+            line.pop("rel_speed", None)
 
 
 def lr_value(lr):
@@ -222,7 +252,27 @@ def comparison(a, b):
             f"| {verdict} |")
 
 
-def markdown(rows, lines, out):
+def speed_note(lines, speed):
+    """How the table's tokens/s were measured, and under what load."""
+    timed = [s for s in speed if s["tokens_per_s"]]
+    if not any("speed_rounds" in line for line in lines):
+        return ("tokens/s: training tokens per second of optimizer steps after the first, evaluation excluded, mean "
+                "over the seeds' runs; tokens/s vs full: over full-rank AdamW's at the same size. These come from "
+                "the sweep's runs: on a GPU each run had its GPU alone; runs that shared a machine (DEVICES naming "
+                "cpu more than once, or another load) are not a side-by-side measurement.")
+    threads = sorted({s["threads"] for s in timed if s["threads"]})
+    loads = [s["load_avg"] for s in timed if s["load_avg"] is not None]
+    rounds = max(line.get("speed_rounds", 0) for line in lines)
+    return (f"tokens/s: from bench.sh's speed pass, after the sweep: each row {timed[0]['steps']} steps alone on the "
+            f"machine ({'/'.join(map(str, threads)) or '?'} threads), the rows in turn, {rounds} rounds; training "
+            "tokens per second of optimizer steps after the first, evaluation excluded, the median over the rounds. "
+            "tokens/s vs full: the row's tokens/s over full-rank AdamW's in the same round, median (min-max) over "
+            "the rounds. "
+            + (f"1-minute load average at the speed runs' ends: {min(loads):.1f}-{max(loads):.1f} (the run itself "
+               "adds about its threads)." if loads else ""))
+
+
+def markdown(rows, lines, out, speed=()):
     table = ["| method | size | dataset | lr | rank | seeds | tokens | val ppl "
              "| weights + grads + states (MiB, as trained) | memory vs full | bf16 estimate (MiB) | peak tensors (MiB) "
              "| peak GPU (MiB) | tokens/s | tokens/s vs full | MFU |",
@@ -244,6 +294,8 @@ def markdown(rows, lines, out):
         if first["buffers_mib"]:
             memory += f" incl. {first['buffers_mib']:.1f} indices"
         memory_ratio, speed_ratio = (f"{line[k]:.2f}" if k in line else "-" for k in ("rel_memory", "rel_speed"))
+        if "rel_speed_range" in line and line["method"] != "full":
+            speed_ratio += " ({:.2f}-{:.2f})".format(*line["rel_speed_range"])
         peak = " | ".join(f"{line[k]:,.0f}" if line[k] else "-" for k in ("peak_tensor_mib", "peak_gpu_mib"))
         mfu = f"{100 * line['mfu']:.1f}%" if line["mfu"] else "-"
         table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {dataset_cell(first)} "
@@ -294,10 +346,9 @@ def markdown(rows, lines, out):
              "Table 2 counts them (python model.py --memory). peak tensors: the most bytes of live tensors in the "
              "first training step, measured on any device (model.PeakTensorBytes: weights, gradients, states, "
              "activations, the loss; not kernels' workspaces nor the allocator's cache). peak GPU: "
-             "torch.cuda.max_memory_allocated after one warm-up step. tokens/s: training tokens per second of "
-             "optimizer steps after the first, evaluation excluded. MFU: model FLOPs (6 per trained weight, 4 per "
-             "frozen one, plus attention) per second over the GPU's dense bf16 peak. tokens/s vs full: relative to "
-             "full-rank AdamW at the same size. Differences: b − a is b's mean ppl minus a's (negative: b lower); "
+             "torch.cuda.max_memory_allocated after one warm-up step. " + speed_note(lines, speed) + " MFU: model "
+             "FLOPs (6 per trained weight, 4 per frozen one, plus attention) per second over the GPU's dense bf16 "
+             "peak. Differences: b − a is b's mean ppl minus a's (negative: b lower); "
              "the seed spread is sd(a) + sd(b), the sum of their sample standard deviations, and a difference is "
              "beyond the spread when |b − a| > sd(a) + sd(b); with one seed of either row the spread is unknown."]
     text = "\n".join(table + differences + paper + notes) + "\n"
@@ -387,18 +438,28 @@ def main():
     if len(sys.argv) < 2 or not os.path.isdir(os.path.join(sys.argv[1], "runs")):
         sys.exit("usage: python report.py RESULTS_DIR [RUN_DIR ...] (a folder that bench.sh wrote, with runs/ inside)")
     out = sys.argv[1]
-    rows = load_runs(out, sys.argv[2:])
+    given = sys.argv[2:]  # bench.sh names this sweep's runs, and its speed pass's under speed/
+    in_speed = [r for r in given if os.path.basename(os.path.dirname(os.path.normpath(r))) == "speed"]
+    rows = load_runs(out, [r for r in given if r not in in_speed])
+    speed = load_speed(out, in_speed) if in_speed or not given else []
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    if speed:
+        with open(os.path.join(out, "speed.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(speed[0]))
+            writer.writeheader()
+            writer.writerows(speed)
     lines = summarize(rows)
-    print(markdown(rows, lines, out))
+    side_by_side(lines, speed)
+    print(markdown(rows, lines, out, speed))
     sweep = lr_sweep(lines, out)
     if sweep:
         print(sweep)
     plot(lines, out)
-    print(f"-> {out}/results.md, {out}/results.csv" + (f", {out}/lr_sweep.md" if sweep else ""))
+    print(f"-> {out}/results.md, {out}/results.csv" + (f", {out}/speed.csv" if speed else "")
+          + (f", {out}/lr_sweep.md" if sweep else ""))
 
 
 if __name__ == "__main__":

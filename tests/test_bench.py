@@ -36,9 +36,9 @@ def repo(tmp_path):
 def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(tmp_path, shakespeare, repo):
     out = tmp_path / "out"
     env = {"SIZES": "nano", "METHODS": "full fira", "SEEDS": "0 1", "OUT": str(out), "DATA_DIR": data.DATA_DIR,
-           "DEVICES": "cpu cpu"}
+           "DEVICES": "cpu cpu", "SPEED_ROUNDS": "2", "SPEED_STEPS": "3", "OMP_NUM_THREADS": ""}  # bench.sh sets it
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
-    assert proc.returncode == 1 and "bench: 2 run(s) failed" in proc.stderr
+    assert proc.returncode == 1 and "bench: 4 run(s) failed" in proc.stderr  # fira's 2 seeds and 2 speed rounds
     assert proc.stdout.count("[fail] fira nano seed") == 2 and "error: simulated out of memory" in proc.stdout
     # the two full-rank runs ran side by side: each started (its lock) before the other ended (its result)
     runs = out / "runs"
@@ -47,6 +47,16 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
     started = [i for i, line in enumerate(lines) if line.startswith("[run ] full nano seed")]
     assert len(started) == 2 and max(started) < min(i for i, line in enumerate(lines) if line.startswith("[done]"))
     assert proc.stdout.count("[done] full nano seed") == 2
+    # then the speed pass: every row alone on every core (the sweep's runs had half of them each), in turn
+    speed = [line for line in lines if "speed round" in line]
+    assert [re.match(r"\[(run |done|fail)\] (\w+) nano speed round (\d)", line).groups() for line in speed] == [
+        (verb, row, k) for k in "12" for row, verb in [("full", "run "), ("full", "done"), ("fira", "run "),
+                                                         ("fira", "fail")]]
+    assert " --max-steps 3 --eval-every 3 " in speed[0] and speed[0].count("--max-steps") == 1 and " --seed 0 " in speed[0]
+    threads = [json.load(open(out / r / "result.json"))["threads"] for r in ("runs/full_nano_s0", "speed/full_nano_r1")]
+    assert threads == [max(1, os.cpu_count() // 2), os.cpu_count()]
+    speed = [(r["method"], r["round"]) for r in csv.DictReader(open(out / "speed.csv"))]
+    assert speed == [("full", "1"), ("full", "2")]
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("full", "fira") for s in ("0", "1")]
@@ -64,6 +74,7 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
             f"| {mean:.2f} ± {sd:.2f} (min {min(full):.2f}") in table
     assert "| Fira | nano | |  | | | | seed 0 failed: error: simulated out of memory; seed 1 failed" in table
     assert os.path.exists(out / "loss_nano.png") and os.path.exists(out / "memory_nano.png")
+    assert "tokens/s: from bench.sh's speed pass, after the sweep: each row 3 steps alone on the machine" in table
     # a finished run's checkpoint (every run writes one at its end) is not kept: the result is
     assert not glob.glob(str(runs / "full_nano_s*" / "ckpt.pt"))
 
@@ -81,10 +92,14 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
     assert recorded["argv"][steps] == "2"
     json.dump({**recorded, "argv": [*recorded["argv"][:steps], "3", *recorded["argv"][steps + 1:]]},
               open(runs / "full_nano_s1" / "result.json", "w"))
+    # a run that was resumed recorded its --resume: the same run
+    resumed = json.load(open(runs / "full_nano_s0" / "result.json"))
+    json.dump({**resumed, "argv": [*resumed["argv"], "--resume"]}, open(runs / "full_nano_s0" / "result.json", "w"))
     proc = run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], env=env, check=False)
-    assert proc.stdout.count("[skip]") == 1 and "[skip] full nano seed 0" in proc.stdout
+    assert proc.stdout.count("[skip] full nano seed") == 1 and "[skip] full nano seed 0" in proc.stdout
+    assert proc.stdout.count("[skip] full nano speed round") == 2
     assert "[stale] full nano seed 1" in proc.stdout and "[done] full nano seed 1" in proc.stdout
-    assert proc.stdout.count("[fail] fira nano") == 2
+    assert proc.stdout.count("[fail] fira nano") == 4
     assert json.load(open(runs / "full_nano_s1" / "result.json"))["argv"] == recorded["argv"]
     assert [float(r["val_ppl"]) for r in csv.DictReader(open(out / "results.csv")) if r["method"] == "full"] == full
 
@@ -124,6 +139,13 @@ def test_bench_runs_every_row_with_the_scripts_own_defaults(tmp_path):
         assert "512 x 256 = 131,072 tokens/step (8 per micro-batch x 64 accumulated x 1 processes)" in plan
         assert "10,000 steps = 1,310,720,000 tokens" in plan
         assert re.search(rf"method: lr {re.escape(flags['--lr'])}(,|\n)", plan)
+    # a dataset not prepared yet: the plan, with the vocabulary its name gives (T5's), and what to prepare
+    proc = run(["bash", "bench.sh", "--dry-run"],
+               env={"SIZES": "60m", "METHODS": "full", "DATASET": "c4-t5", "OUT": str(tmp_path), "DEVICES": "cpu"})
+    with model.torch.device("meta"):
+        t5 = model.flops_per_token(model.Llama(model.get_config("60m", 32000)), 256) * 10_000 * 512 * 256
+    assert "note: dataset 'c4-t5' is not prepared yet; before the runs: python data.py c4 --tokenizer t5" in proc.stdout
+    assert f"1,310,720,000 tokens each, {t5:.2e} FLOPs" in proc.stdout
 
 
 @pytest.mark.parametrize("size,gib,world,micro", [("60m", 80, 1, 128), ("60m", 141, 1, 128), ("60m", 40, 1, 64),
@@ -157,7 +179,7 @@ def fake_repo(repo):
 
 def bench(repo, out, **env):
     return run(["bash", str(repo / "bench.sh"), "--max-steps", "2"], check=False,
-               env={"SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out), **env})
+               env={"SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out), "SPEED_ROUNDS": "0", **env})
 
 
 def test_bench_resumes_an_unfinished_run_of_the_same_settings(tmp_path, fake_repo):
@@ -168,7 +190,8 @@ def test_bench_resumes_an_unfinished_run_of_the_same_settings(tmp_path, fake_rep
     assert ["--resume" in a for a in argvs] == [False, True] and argvs[0] == argvs[1][:-1]
     # other settings: the folder starts afresh
     run(["bash", str(fake_repo / "bench.sh"), "--max-steps", "3"], check=False,
-        env={"SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out), "FAKE": "preempted"})
+        env={"SIZES": "nano", "METHODS": "full", "SEEDS": "0", "OUT": str(out), "FAKE": "preempted",
+             "SPEED_ROUNDS": "0"})
     argvs = [json.loads(line) for line in open(out / "runs" / "full_nano_s0" / "argv.jsonl")]
     assert len(argvs) == 1 and "--resume" not in argvs[0]
 
@@ -176,7 +199,8 @@ def test_bench_resumes_an_unfinished_run_of_the_same_settings(tmp_path, fake_rep
 def test_bench_forwards_sigterm_to_every_run_and_leaves_a_live_run_alone(tmp_path, fake_repo):
     out = tmp_path / "out"
     cmd = ["bash", str(fake_repo / "bench.sh"), "--max-steps", "2"]
-    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0 1", "OUT": str(out), "DEVICES": "cpu cpu"}
+    env = {**os.environ, "SIZES": "nano", "METHODS": "full", "SEEDS": "0 1", "OUT": str(out), "DEVICES": "cpu cpu",
+           "SPEED_ROUNDS": "0"}
     sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = [out / "runs" / f"full_nano_s{seed}" / "train.log" for seed in (0, 1)]
     deadline = time.time() + 60

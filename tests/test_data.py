@@ -103,6 +103,21 @@ def test_c4_from_local_shards_is_the_same_with_2_workers_as_with_1(tmp_path, mon
     assert np.frombuffer(files[1][1], np.uint16).tolist() == list(b"val one") + [256, *b"va"]
 
 
+def test_a_hub_corpus_validates_on_the_documents_holding_the_papers_scored_tokens(tmp_path, monkeypatch):
+    # scored tokens of documents as sequences of 256 (Documents.targets): 255 (cut), 10, 5, 7, 4, 30
+    docs = ["a" * 300, "b" * 10, "c" * 5, "d" * 7, "e" * 4, "f" * 30]
+    monkeypatch.setattr(data, "BATCH_DOCS", 2)  # the count carries over from batch to batch
+    monkeypatch.setattr(data, "VAL_TARGETS", 268)
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "hub_docs", lambda name, split: iter(docs if split == "validation" else ["train"] * 9))
+    data.prepare("c4", tokenizer="bytes")
+    val = data.load_tokens("c4-bytes")["val"]
+    assert len(val) == 301 + 11 + 6  # the first three documents: 255 + 10 + 5 = 270 >= 268 > 265
+    assert data.Documents(val, data.END_OF_TEXT["bytes"], "val").targets(256).sum() == 270
+    data.prepare("c4", val_tokens=20, tokenizer="bytes")  # a count of tokens instead
+    assert len(data.load_tokens("c4-bytes")["val"]) == 20
+
+
 def train_t5_stand_in(path):
     """A tokenizer.json built as T5's (Unigram, Metaspace, a post-processor that appends </s> = id 1), trained here
     with the same library: the real file comes from a 20 MB download."""

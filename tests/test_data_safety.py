@@ -192,6 +192,31 @@ def test_a_killed_preparation_leaves_the_previous_dataset_or_a_refused_one(tmp_p
             assert after[f] in (old[f], new[f])
 
 
+def test_a_killed_preparation_of_c4_shards_with_2_workers_leaves_the_previous_dataset(tmp_path, data_dir):
+    from test_data import write_c4_shards
+    write_c4_shards(tmp_path / "c4", "validation", [["val one", "val two"]])
+    write_c4_shards(tmp_path / "c4", "train", [[f"old document {i}" for i in range(10)]])
+    data.prepare("c4", tokenizer="bytes", c4_dir=str(tmp_path / "c4"), workers=2)
+    old = snapshot(data_dir / "c4-bytes")
+    write_c4_shards(tmp_path / "c4", "train", [[f"new document {i}" for i in range(8)] for _ in range(2)])
+
+    def prepare_and_die():  # in a forked child: killed in the second shard, while the workers hold batches
+        c4_docs = data.c4_docs
+
+        def dying_docs(folder, split):
+            for i, doc in enumerate(c4_docs(folder, split)):
+                if split == "train" and i == 11:
+                    kill_myself()
+                yield doc
+        data.c4_docs, data.BATCH_DOCS = dying_docs, 2
+        data.prepare("c4", tokenizer="bytes", c4_dir=str(tmp_path / "c4"), workers=2)
+
+    assert forked(prepare_and_die) == -signal.SIGKILL
+    after = snapshot(data_dir / "c4-bytes")
+    assert {f: after[f] for f in FILES} == old and "train.bin.tmp" in after
+    assert bytes(data.load_tokens("c4-bytes")["train"][:14].astype(np.uint8)) == b"old document 0"
+
+
 def test_a_failed_preparation_leaves_no_files(tmp_path, data_dir, monkeypatch):
     name = write_corpus(tmp_path / "corpus", 10)
     text_docs = data.text_docs
