@@ -401,19 +401,23 @@ def plot(lines, out):
     best = [line for line in best_lines(lines).values() if line["ok"]]
     for size in sorted({line["size"] for line in best}):
         at_size = [line for line in best if line["size"] == size]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for line in at_size:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        top = -math.inf  # the y axis leaves out the first tenth of training, where every curve falls steeply
+        for i, line in enumerate(at_size):
             curves = []  # every seed logs the same steps: average the loss step by step
             for r in line["ok"]:
                 log = os.path.join(r["dir"], "log.jsonl")
                 curves.append({x["tokens"]: x["loss"] for x in map(json.loads, open(log))})
             tokens = sorted(set.intersection(*(set(c) for c in curves)))
-            ax.plot(tokens, [statistics.mean(c[t] for c in curves) for t in tokens], lw=1.2,
+            loss = [statistics.mean(c[t] for c in curves) for t in tokens]
+            top = max([top] + [x for t, x in zip(tokens, loss) if t >= 0.1 * tokens[-1]])
+            ax.plot(tokens, loss, lw=1.2, color=plt.cm.tab20(i % 20), ls="-" if i < 10 else "--",
                     label=f"{label(line)} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         ax.set(xlabel="training tokens", ylabel="training loss (mean over seeds)", title=f"LLaMA {size}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"loss_{size}.png"), dpi=120)
+        if math.isfinite(top):
+            ax.set_ylim(top=top + 0.05 * abs(top))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+        fig.savefig(os.path.join(out, f"loss_{size}.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(at_size)))
