@@ -119,8 +119,9 @@ def side_by_side(lines, speed):
         if line["ok"] and ratios:
             line.update(tps=statistics.median(at.values()), rel_speed=statistics.median(ratios),
                         rel_speed_range=(min(ratios), max(ratios)), speed_rounds=len(ratios))
-        elif speed:  # one table, one way of measuring speed: a row the speed pass missed has no ratio
+        elif speed:  # one table, one way of measuring speed: a row the speed pass missed has none
             line.pop("rel_speed", None)
+            line["tps"] = None
 
 
 def lr_value(lr):
@@ -296,12 +297,13 @@ def markdown(rows, lines, out, speed=()):
         memory_ratio, speed_ratio = (f"{line[k]:.2f}" if k in line else "-" for k in ("rel_memory", "rel_speed"))
         if "rel_speed_range" in line and line["method"] != "full":
             speed_ratio += " ({:.2f}-{:.2f})".format(*line["rel_speed_range"])
-        peak = " | ".join(f"{line[k]:,.0f}" if line[k] else "-" for k in ("peak_tensor_mib", "peak_gpu_mib"))
+        peak, tps = (" | ".join(f"{line[k]:,.0f}" if line[k] else "-" for k in keys)
+                     for keys in (("peak_tensor_mib", "peak_gpu_mib"), ("tps",)))
         mfu = f"{100 * line['mfu']:.1f}%" if line["mfu"] else "-"
         table.append(f"| {LABELS.get(line['method'], line['method'])} | {line['size']} | {dataset_cell(first)} "
                      f"| {first['lr'] or '-'} | {first['rank'] or 'full'} | {len(line['ok'])} | {first['tokens']:,} "
                      f"| {ppl} | {memory} "
-                     f"| {memory_ratio} | {first['bf16_estimate_mib']:.1f} | {peak} | {line['tps']:,.0f} "
+                     f"| {memory_ratio} | {first['bf16_estimate_mib']:.1f} | {peak} | {tps} "
                      f"| {speed_ratio} | {mfu} |")
     best = {key: line for key, line in best_lines(lines).items() if line["ok"]}
     compared = [(size, a, b) for size in sorted({s for s, _ in best})

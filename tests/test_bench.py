@@ -52,7 +52,8 @@ def test_bench_queues_runs_on_two_cpus_survives_a_failure_and_reruns_stale_runs(
     assert [re.match(r"\[(run |done|fail)\] (\w+) nano speed round (\d)", line).groups() for line in speed] == [
         (verb, row, k) for k in "12" for row, verb in [("full", "run "), ("full", "done"), ("fira", "run "),
                                                          ("fira", "fail")]]
-    assert " --max-steps 3 --eval-every 3 " in speed[0] and speed[0].count("--max-steps") == 1 and " --seed 0 " in speed[0]
+    assert " --max-steps 3 --eval-every 3 " in speed[0] and " --seed 0 " in speed[0]
+    assert speed[0].count("--max-steps") == 1  # not the sweep's steps too
     threads = [json.load(open(out / r / "result.json"))["threads"] for r in ("runs/full_nano_s0", "speed/full_nano_r1")]
     assert threads == [max(1, os.cpu_count() // 2), os.cpu_count()]
     speed = [(r["method"], r["round"]) for r in csv.DictReader(open(out / "speed.csv"))]
@@ -286,6 +287,22 @@ def test_report_compares_rows_beyond_the_seed_spread_and_tabulates_an_lr_sweep(t
     assert "| method | lr 1e-3 | lr 3e-3 | lr 1e-2 | best lr |" in sweep
     assert "| Low-rank + restarts | 120.00 | 110.00 | failed | 3e-3 |" in sweep
     assert open(tmp_path / "lr_sweep.md").read() == sweep
+
+    # with a speed pass, tokens/s are its runs': the median over rounds, and the ratio within each round to
+    # full-rank's, median (min-max); a row it did not time has no ratio
+    for k, (full, galore) in enumerate([(1000.0, 500.0), (2000.0, 800.0), (1000.0, 600.0)], 1):
+        for method, tps in (("full", full), ("galore", galore)):
+            fabricate(tmp_path / "speed", f"{method}_nano_r{k}", 1.0, method, 1e-3, tokens_per_s=tps, steps=60,
+                      threads=2, load_avg=2.0 + k / 10)
+    speed = report.load_speed(str(tmp_path))
+    report.side_by_side(lines, speed)
+    table = report.markdown([], lines, str(tmp_path), speed)
+    assert "| 90.50 ± 0.71 (min 90.00, max 91.00) | 300.0 (fp32) | 0.75 | 18.5 | - | - | 600 | 0.50 (0.40-0.60) |" \
+        in table
+    assert "| 101.00 ± 1.41 (min 100.00, max 102.00) | 400.0 (fp32) | 1.00 | 18.6 | - | - | 1,000 | 1.00 |" in table
+    assert "| 100.50 ± 1.41 (min 99.50, max 101.50) | 400.0 (fp32) | 1.00 | 18.5 | - | - | - | - |" in table
+    assert ("each row 60 steps alone on the machine (2 threads), the rows in turn, 3 rounds" in table
+            and "1-minute load average at the speed runs' ends: 2.1-2.3" in table)
 
 
 def test_report_puts_the_papers_numbers_beside_comparable_rows_alone(tmp_path):
