@@ -674,7 +674,7 @@ def val_documents(docs, seq_len, n_tokens):
 @torch.no_grad()
 def evaluate(model, windows, micro_batch, device, autocast):
     """The validation record: the mean next-token loss over the whole fixed set (each scored token weighted once),
-    its perplexity, and the perplexity as the papers' official code averages it (val_ppl_official_style): the
+    its perplexity, the number of scored tokens, and the perplexity as the papers' official code averages it (val_ppl_official_style): the
     mean of the micro-batches' mean losses, divided by their count + 1 (its total_batches starts at 1), which
     biases the loss low by a factor n / (n + 1).
 
@@ -701,7 +701,8 @@ def evaluate(model, windows, micro_batch, device, autocast):
     if world > 1:
         dist.all_reduce(total)
     mean = (total[0] / total[1]).item()
-    return {"val_loss": mean, "val_ppl": float(np.exp(mean)), "val_ppl_official_style": float(np.exp(total[2].item()))}
+    return {"val_loss": mean, "val_ppl": float(np.exp(mean)), "val_ppl_official_style": float(np.exp(total[2].item())),
+            "val_tokens": int(total[1].item())}
 
 
 def token_count(text):

@@ -139,6 +139,7 @@ def result_row(r, size):
     row = dict(status="ok", dataset=r.get("dataset"), vocab_size=r.get("vocab_size"),
                sequences=r.get("sequences", "windows"), rank=r.get("rank"), lr=r.get("lr"), precision=r["precision"],
                tokens=r["tokens"], steps=r.get("steps"), official_ppl=r.get("val_ppl_official_style"),
+               val_tokens=r.get("val_tokens"),
                val_ppl=r["val_ppl"], val_loss=r["val_loss"], device=r["device"],
                weights_mib=r["weights_bytes"] / mib, grads_mib=r["grads_bytes"] / mib,
                states_mib=r["optimizer_state_bytes"] / mib, buffers_mib=r["buffers_bytes"] / mib,
@@ -225,6 +226,9 @@ def not_comparable(line):
             reasons.append(f"vocabulary {run['vocab_size']}, the papers' is 32,000")
     if run["sequences"] != "documents":
         reasons.append("packed windows, the papers' are documents")
+    if size in sizes and (run["val_tokens"] or 0) < RECIPES[size].val_tokens:
+        reasons.append(f"validated on {run['val_tokens']:,} scored tokens, the official code's "
+                       f"{RECIPES[size].val_tokens:,}" if run["val_tokens"] else "validation size not recorded")
     return "; ".join(reasons)
 
 

@@ -309,7 +309,7 @@ def test_report_puts_the_papers_numbers_beside_comparable_rows_alone(tmp_path):
     import report
     runs, budget = tmp_path / "runs", 10_000 * 512 * 256  # 60m's: the papers' steps x batch x 256 tokens
     t5 = {"dataset": "c4-t5", "vocab_size": 32000, "sequences": "documents", "steps": 10_000,
-          "val_ppl_official_style": 31.0}
+          "val_ppl_official_style": 31.0, "val_tokens": 10_000_000}
     fabricate(runs, "galore_mini_s0", 12.0, "galore", 1e-2, dataset="shakespeare-bytes", vocab_size=320)
     fabricate(runs, "galore_60m_s0", 33.0, "galore", 1e-2, tokens=budget, **t5)
     fabricate(runs, "fira_60m_s0", 32.0, "fira", 1e-2, tokens=budget, **{**t5, "dataset": "c4", "vocab_size": 50304})
@@ -326,7 +326,7 @@ def test_report_puts_the_papers_numbers_beside_comparable_rows_alone(tmp_path):
            "papers' is T5's | | |" in table
     # a result without "sequences" was written before documents existed: packed windows
     assert "| Full-rank AdamW | 60m | c4-t5 (T5 tokenizer) | 40.00 | 131,072,000 | not comparable: 10% of the " \
-           "papers' budget; packed windows, the papers' are documents | | |" in table
+           "papers' budget; packed windows, the papers' are documents; validation size not recorded | | |" in table
     assert "| 34.06 |" not in table and "| 30.05 |" not in table  # full-rank's numbers, at 60m
     # the papers' tokens in other steps (a larger batch, or longer sequences) are not their run
     shutil.rmtree(runs / "galore_60m_s0")
@@ -334,3 +334,8 @@ def test_report_puts_the_papers_numbers_beside_comparable_rows_alone(tmp_path):
     table = report.markdown([], report.summarize(report.load_runs(str(tmp_path))), str(tmp_path))
     assert f"{ours} not comparable: 5,000 steps, the papers' are 10,000 |" in table
     assert table.count("| not comparable: ") == 4
+    # and their validation: the official code's 10M scored tokens
+    shutil.rmtree(runs / "galore_60m_s0")
+    fabricate(runs, "galore_60m_s0", 33.0, "galore", 1e-2, tokens=budget, **{**t5, "val_tokens": 999_000})
+    table = report.markdown([], report.summarize(report.load_runs(str(tmp_path))), str(tmp_path))
+    assert f"{ours} not comparable: validated on 999,000 scored tokens, the official code's 10,000,000 |" in table

@@ -217,6 +217,7 @@ def test_evaluate_is_the_token_mean_over_the_whole_set(shakespeare):
         record = data.evaluate(m, (x, y), B, "cpu", torch.autocast("cpu", enabled=False))
         assert record["val_loss"] == pytest.approx(ref.item(), rel=1e-6)
         assert record["val_ppl"] == pytest.approx(np.exp(ref.item()), rel=1e-6)
+        assert record["val_tokens"] == 7 * 32 - 22 - 31  # the pads are not counted
     # the official code's: the mean loss of each batch (3, 3 and 1 windows), summed, over the batches + 1
     means = [torch.nn.functional.cross_entropy(logits[i:i + 3].flatten(0, 1), y[i:i + 3].flatten()) for i in (0, 3, 6)]
     official = data.evaluate(m, (x, y), 3, "cpu", torch.autocast("cpu", enabled=False))["val_ppl_official_style"]
