@@ -17,7 +17,7 @@
 #   LR=1e-2 bash bench.sh                # one learning rate for every method
 #   SEQUENCES=documents bash bench.sh    # a sequence per document (the GPU default) or windows (the CPU default)
 #   LRS="1e-3 3e-3 1e-2 3e-2" SEEDS=0 bash bench.sh   # the lr sweep (not the default): every row at every lr
-#   DEVICES="cuda:0 cuda:1" bash bench.sh              # the queue's devices (default: every GPU, or cpu cpu)
+#   DEVICES="cuda:0 cuda:1" bash bench.sh              # the queue's devices (default: every GPU, or cpu)
 #   SPEED_ROUNDS=0 bash bench.sh         # CPU: no speed pass (default 3 rounds of SPEED_STEPS=60 steps a row)
 #
 # Every run is `python <script> <its row's flags>`, the script and flags coming from model.py's recipe table
@@ -31,13 +31,14 @@
 # installed, draws the loss curves and the memory bars (pip install matplotlib, then python report.py OUT).
 #
 # The runs form a queue over DEVICES, one run per device at a time (every GPU of the node by default; a GPU run
-# sees its GPU alone through CUDA_VISIBLE_DEVICES). "cpu" may be listed several times: DEVICES="cpu cpu", the
-# default without a GPU on 2 or more cores, runs two runs side by side, each with half the cores (OMP_NUM_THREADS,
-# unless it is set). Runs that share the cores cannot time the methods against each other, so on CPU the sweep
-# ends with a speed pass: every row SPEED_STEPS steps alone on every core, the rows in turn, SPEED_ROUNDS times
-# (into $OUT/speed/<row>_<size>_r<round>; 60 steps by default, so that mini's 50-step periods act inside the
-# timed steps, the first not being timed); the table's tokens/s and their ratio to full-rank come from it (the
-# median over the rounds of the ratio within a round, and its range). With one device a run's
+# sees its GPU alone through CUDA_VISIBLE_DEVICES). "cpu" may be listed several times: DEVICES="cpu cpu" runs
+# two runs side by side, each with half the cores (OMP_NUM_THREADS, unless it is set; at mini on 2 cores they
+# train as many tokens/s in all as one run on both). Runs that share the cores, or follow each other on a machine
+# whose load drifts, cannot time the methods against each other, so on CPU the sweep ends with a speed pass:
+# every row SPEED_STEPS steps alone on every core, the rows in turn, SPEED_ROUNDS times (into
+# $OUT/speed/<row>_<size>_r<round>; 60 steps by default, so that mini's 50-step periods act inside the timed
+# steps, the first not being timed); the table's tokens/s and their ratio to full-rank come from it (the median
+# over the rounds of the ratio within a round, and its range). With one device a run's
 # output shows here and goes to its train.log; with several, to its train.log alone, and a line here says
 # when each run starts and ends. A failed run does not stop the others. No run is split over GPUs: each fits
 # one by its micro-batch (the recipe's 80 GB one scaled to the GPU's memory; accumulation keeps the global batch),
@@ -101,9 +102,7 @@ else
     DEFAULT_SIZES="mini"
     DEFAULT_DATASET=shakespeare-bytes
     DEFAULT_SEQUENCES=windows
-    # two runs side by side, each on half the cores: a CPU-sized model gains little from a second thread
     DEFAULT_DEVICES=cpu
-    [ "$CORES" -ge 2 ] && DEFAULT_DEVICES="cpu cpu"
 fi
 EXTRA=()
 GLOBAL_BATCH=0  # the recipe's
