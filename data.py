@@ -674,9 +674,9 @@ def val_documents(docs, seq_len, n_tokens):
 @torch.no_grad()
 def evaluate(model, windows, micro_batch, device, autocast):
     """The validation record: the mean next-token loss over the whole fixed set (each scored token weighted once),
-    its perplexity, the number of scored tokens, and the perplexity as the papers' official code averages it (val_ppl_official_style): the
-    mean of the micro-batches' mean losses, divided by their count + 1 (its total_batches starts at 1), which
-    biases the loss low by a factor n / (n + 1).
+    its perplexity, the number of scored tokens, and the perplexity as the papers' official code averages it
+    (val_ppl_official_style): the mean of the micro-batches' mean losses, divided by their count + 1 (its
+    total_batches starts at 1), which biases the loss low by a factor n / (n + 1).
 
     Under DDP each rank takes every world_size-th window and the sums are all-reduced; the official-style loss is
     each rank's, averaged over the ranks, as the official code's all-gather.
