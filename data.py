@@ -213,16 +213,23 @@ def tokenized(docs, enc, workers):
 # mode (the official code's target_eval_tokens: scored tokens, each document cut at SEQ_LEN), and so at least as
 # many tokens as windows
 VAL_TARGETS = RECIPES["60m"].val_tokens
+# C4 en's documents per split (the hub's dataset card) and its json.gz shards per split: without --max-tokens the
+# progress bar's total, and so its ETA, is estimated from the share of them read
+C4_DOCS = {"train": 364_868_892, "validation": 364_608}
+C4_SHARDS = {"train": 1024, "validation": 8}
 
 
-def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1, max_targets=None):
+def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1, max_targets=None, expected_docs=None):
     """Tokenize documents (each followed by the end-of-text id) into a uint16 file; returns the token count. It
     stops at max_tokens tokens, or after the document with which the documents' scored tokens as sequences of
     SEQ_LEN (Documents.targets) reach max_targets.
 
+    The progress bar counts tokens toward max_tokens; without it, toward an estimate, the tokens so far over the
+    share done: of max_targets' scored tokens or of the corpus's expected_docs documents, whichever is further.
+
     The file is the same for any number of workers. A document with an id outside the tokenizer's vocabulary
     (a T5 sentinel) is refused: the model has no row for it."""
-    n = targets = 0
+    n = targets = n_docs = 0
     with (open(path, "wb") as f, tokenized(docs, enc, workers) as batches,
           tqdm(desc=desc or os.path.basename(path), total=max_tokens, unit="tok", unit_scale=True) as bar):
         for ids in batches:
@@ -240,9 +247,17 @@ def write_tokens(docs, path, enc, max_tokens=None, desc=None, workers=1, max_tar
                 targets = scored[-1] if len(scored) else targets
             ids.tofile(f)
             n += len(ids)
+            if max_tokens is None:
+                n_docs += int(np.count_nonzero(ids == enc.eot_token))
+                share = max(targets / max_targets if max_targets else 0, n_docs / expected_docs if expected_docs else 0)
+                if share:
+                    bar.total = max(n, round(n / share))
             bar.update(len(ids))
             if done:
                 break
+        if max_tokens is None and bar.total:
+            bar.total = n  # the estimate ends where the corpus did
+            bar.refresh()
     return n
 
 
@@ -309,6 +324,13 @@ def c4_shards(folder, split):
     """C4's json.gz shards of a split in a local folder, in the official layout and in order
     (c4-train.00000-of-01024.json.gz, ...; c4-validation.00000-of-00008.json.gz, ...)."""
     return sorted(glob.glob(os.path.join(glob.escape(folder), f"c4-{split}.*-of-*.json.gz")))
+
+
+def corpus_docs(name, split, c4_dir=None):
+    """C4's documents in a split, in the share of its shards that c4_dir holds; None for another corpus."""
+    if name != "c4":
+        return None
+    return C4_DOCS[split] * (len(c4_shards(c4_dir, split)) / C4_SHARDS[split] if c4_dir else 1)
 
 
 def c4_docs(folder, split):
@@ -400,7 +422,8 @@ def write_dataset(name, max_tokens=None, val_tokens=None, tokenizer="gpt2", c4_d
                 docs, source = functools.partial(hub_docs, name), HUB_SOURCES[name]
             # FineWeb-Edu's validation documents come first in the same stream, so skip them for training
             n_val = write_tokens(docs("validation"), tmp["val"], enc, val_tokens, f"{name} val", workers,
-                                 None if val_tokens else VAL_TARGETS)
+                                 max_targets=None if val_tokens else VAL_TARGETS,
+                                 expected_docs=corpus_docs(name, "validation", c4_dir))
             docs = docs("train")
             if name == "fineweb-edu":
                 skipped = 0
@@ -408,7 +431,8 @@ def write_dataset(name, max_tokens=None, val_tokens=None, tokenizer="gpt2", c4_d
                     skipped += len(enc.encode_ordinary(doc)) + 1
                     if skipped >= n_val:
                         break
-            write_tokens(docs, tmp["train"], enc, max_tokens, f"{name} train", workers)
+            write_tokens(docs, tmp["train"], enc, max_tokens, f"{name} train", workers,
+                         expected_docs=corpus_docs(name, "train", c4_dir))
         else:
             # small local corpora: tokenize everything, hold out the last 10% of tokens (the last works)
             if name == "shakespeare":

@@ -49,6 +49,29 @@ def test_write_tokens_round_trip(tmp_path):
     assert data.write_tokens(iter(docs), str(path), enc, max_tokens=5) == 5
 
 
+@pytest.mark.parametrize("expected_docs", [12, 24], ids=["as-expected", "shorter-than-expected"])
+def test_without_max_tokens_the_bar_estimates_its_total_from_the_share_of_documents_read(tmp_path, monkeypatch,
+                                                                                        expected_docs):
+    bars = []
+
+    class Recorded(data.tqdm):  # the bar's total at each update: what its ETA is computed from
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.totals = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.totals.append(self.total)
+            return super().update(n)
+    monkeypatch.setattr(data, "tqdm", Recorded)
+    monkeypatch.setattr(data, "BATCH_DOCS", 4)
+    docs = ["abcdefghi"] * 8 + ["xy"] * 4  # batches of 4 documents: 40, 40 and 12 bytes with their end-of-text ids
+    n = data.write_tokens(iter(docs), str(tmp_path / "x.bin"), data.TOKENIZERS["bytes"](), expected_docs=expected_docs)
+    share = expected_docs / 12  # the estimate: tokens so far x expected documents / documents so far
+    assert n == 92 and bars[0].totals == [round(120 * share), round(120 * share), round(92 * share)]
+    assert bars[0].total == 92  # it ends where the corpus did
+
+
 def test_prepare_text_folder(tmp_path, monkeypatch):
     data.get_tokenizer()  # cached before the data dir moves
     corpus = tmp_path / "corpus"
