@@ -435,6 +435,7 @@ def plot(lines, out):
             if any(widths):
                 ax.barh(names, widths, left=left, label=part)
                 left = [x + w for x, w in zip(left, widths)]
+        ax.set_xlim(0, 1.04 * max(left))  # the longest bar ends inside the frame
         precision = at_size[0]["ok"][0]["precision"]
         ax.set_xlabel(f"MiB counted from the live tensors ({precision})")
         ax.set_title(f"LLaMA {size}: memory", pad=24)
